@@ -1,0 +1,1 @@
+"""radflow orchestration: Prefect flows, MLflow/DVC edges and the command line."""

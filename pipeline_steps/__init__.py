@@ -1,0 +1,1 @@
+"""radflow pipeline steps: plain typed functions, no orchestration."""

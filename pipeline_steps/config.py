@@ -1,0 +1,165 @@
+"""Typed configuration: `params.yaml` is read once into frozen pydantic models, one per stage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline_steps.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LesionParams(_Section):
+    """Nodule/opacity statistics, after NODE21: 6-30 mm, at most 3 per image, ~half negative."""
+
+    positive_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    max_per_image: int = Field(3, ge=1, le=10)
+    diameter_mm: tuple[float, float] = (6.0, 30.0)
+    # Peak extra attenuation of a lesion, as a fraction of a typical lung-field path (difficulty knob).
+    contrast: tuple[float, float] = (0.25, 0.6)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> LesionParams:
+        for name in ("diameter_mm", "contrast"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name} must be an increasing pair of positive numbers")
+        return self
+
+
+class SynthParams(_Section):
+    """The embedded default dataset: synthetic chest radiographs written as DICOM."""
+
+    n_images: int = Field(600, ge=1)
+    seed: int = 20261123
+    images_per_patient: tuple[int, int] = (1, 4)
+    field_of_view_mm: float = Field(350.0, gt=100.0, le=500.0)
+    native_size: tuple[int, int] = (1024, 1024)
+    bits_stored: tuple[int, ...] = (10, 12, 14)
+    monochrome1_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    rle_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    # Mean detected photons per pixel behind unattenuated paths (dose; lower = noisier).
+    photons_per_pixel: float = Field(2.0e4, gt=0)
+    # Strength of rib and vessel texture, the main difficulty knob (0 = none, 1 = realistic).
+    texture: float = Field(1.0, ge=0.0, le=3.0)
+    lesions: LesionParams = LesionParams()
+
+
+class IngestParams(_Section):
+    allowed_modalities: tuple[str, ...] = ("DX", "CR")
+    allowed_body_parts: tuple[str, ...] = ("CHEST",)
+    min_size_px: int = Field(256, ge=16)
+    # Used, and flagged, when neither PixelSpacing nor ImagerPixelSpacing is usable.
+    default_spacing_mm: float = Field(0.35, gt=0.0, le=5.0)
+
+
+class ValidateParams(_Section):
+    min_images: int = Field(4, ge=1)
+    positive_fraction: tuple[float, float] = (0.05, 0.95)
+    pixel_spacing_mm: tuple[float, float] = (0.05, 1.0)
+    size_px: tuple[int, int] = (256, 8192)
+
+
+class SplitParams(_Section):
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    salt: str = "radflow-split-v1"
+
+    @model_validator(mode="after")
+    def _sum(self) -> SplitParams:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must leave room for a train split")
+        return self
+
+
+class PreprocessParams(_Section):
+    input_size: int = Field(256, ge=64, le=1024)
+    target_spacing_mm: float = Field(1.4, gt=0.0, le=5.0)
+    window: Literal["dicom", "percentile"] = "dicom"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    shard_size: int = Field(256, ge=1)
+    workers: int = Field(0, ge=0, description="0 means one per CPU core")
+    split: SplitParams = SplitParams()
+
+
+class ExtractFeaturesParams(_Section):
+    histogram_quantiles: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+class TrainParams(_Section):
+    seed: int = 7
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(2e-3, gt=0)
+    width: int = Field(16, ge=4)
+    depth: int = Field(4, ge=2, le=6)
+    patience: int = Field(4, ge=1)
+
+
+class TestParams(_Section):
+    __test__ = False  # not a pytest test class
+
+    score_threshold: float = Field(0.3, ge=0.0, le=1.0)
+    max_detections: int = Field(5, ge=1)
+    nms_iou: float = Field(0.3, gt=0.0, le=1.0)
+
+
+class RegisterParams(_Section):
+    model_name: str = "radflow-detector"
+    experiment: str = "radflow"
+
+
+class Params(_Section):
+    synth: SynthParams = SynthParams()
+    ingest: IngestParams = IngestParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    preprocess: PreprocessParams = PreprocessParams()
+    extract_features: ExtractFeaturesParams = ExtractFeaturesParams()
+    train: TrainParams = TrainParams()
+    test: TestParams = TestParams()
+    register_: RegisterParams = Field(RegisterParams(), alias="register")
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    def stage_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections (all when none are given)."""
+        dumped = self.model_dump(mode="json", by_alias=True)
+        chosen = {k: dumped[k] for k in (sections or tuple(sorted(dumped)))}
+        blob = json.dumps(chosen, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Validate a parsed params mapping; errors name the dotted key and the file."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "<root>"
+            problems.append(f"  {key}: {err['msg']}")
+        raise ConfigError(
+            f"{source}: invalid configuration\n" + "\n".join(problems)
+            + "\nFix the key(s) above; see params.yaml in the radflow repository for defaults."
+        ) from None
+
+
+def load_params(path: Path) -> Params:
+    """Read `params.yaml` once. A missing file is an error; a missing section takes its defaults."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found. Run `radflow init` or pass --workspace.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of stage sections")
+    return parse_params(raw, source=str(path))
