@@ -1,0 +1,220 @@
+"""The `radflow` command line: init, synth, ingest, run and step, each on a workspace."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline_steps.errors import RadflowError
+
+log = logging.getLogger("radflow")
+
+
+@contextmanager
+def _bar(desc: str) -> Iterator[Callable[[int, int], None]]:
+    """A tqdm progress bar on stderr, driven by (done, total) callbacks."""
+    from tqdm import tqdm
+
+    bar: tqdm | None = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=None)
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _setup_environment() -> None:
+    """Quiet noisy libraries and route radflow's loggers through Prefect; done at start-up, not import."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_steps,radflow")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from flows import workspace
+
+    layout = workspace.init(Path(args.dir or args.workspace or "."))
+    print(f"workspace ready: {layout.root}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from pipeline_steps.config import load_params
+    from pipeline_steps.synth import generate_dataset
+
+    params_file = Path(args.workspace or ".") / "params.yaml"
+    from pipeline_steps.config import SynthParams
+
+    synth = load_params(params_file).synth if params_file.exists() else SynthParams()
+    with _bar("synth") as bar:
+        summary = generate_dataset(synth, Path(args.out), n_images=args.n_images, seed=args.seed, progress=bar)
+    print(
+        f"wrote {summary.n_images} images of {summary.n_patients} patients "
+        f"({summary.n_positive} with findings, {summary.n_boxes} boxes) to {args.out}"
+    )
+    return 0
+
+
+def _ingest(layout: object, dicom_dir: Path, labels: Path | None, replace: bool) -> dict[str, object]:
+    from flows import versioning
+    from pipeline_steps.ingest import ingest_directory
+    from pipeline_steps.layout import Layout
+
+    assert isinstance(layout, Layout)
+    with _bar("ingest") as bar:
+        summary = ingest_directory(dicom_dir, labels, layout.raw, replace=replace, progress=bar)
+    version = versioning.record_raw(layout)
+    return {
+        "seen": summary.seen,
+        "added": summary.added,
+        "skipped_existing": summary.skipped_existing,
+        "labels": summary.label_rows,
+        "labels_without_image": summary.labels_without_image,
+        "data_version": version,
+    }
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from flows import workspace
+
+    layout = workspace.resolve(_ws(args))
+    result = _ingest(layout, Path(args.dicom_dir), Path(args.labels) if args.labels else None, args.replace)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"seen {result['seen']}, added {result['added']}, already present {result['skipped_existing']}, "
+            f"label rows {result['labels']} ({result['labels_without_image']} without an image)\n"
+            f"data version: {result['data_version']}"
+        )
+    return 0
+
+
+def _ensure_data(layout: object) -> None:
+    """A workspace without data gets the deterministic default dataset, recorded like any ingest."""
+    from flows import workspace
+    from pipeline_steps.layout import Layout
+    from pipeline_steps.synth import generate_dataset
+
+    assert isinstance(layout, Layout)
+    if layout.raw_dvc.exists():
+        return
+    params = workspace.load(layout)
+    staging = layout.state / "synth"
+    shutil.rmtree(staging, ignore_errors=True)
+    log.info("no data yet: synthesizing the default dataset (%d images)", params.synth.n_images)
+    with _bar("synth") as bar:
+        summary = generate_dataset(params.synth, staging, progress=bar)
+    result = _ingest(layout, summary.images_dir, summary.labels_path, replace=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    log.info("default dataset recorded: data version %s", result["data_version"])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows import versioning, workspace
+
+    layout = workspace.resolve(_ws(args))
+    workspace.load(layout)  # fail on a bad params.yaml before any work starts
+    _ensure_data(layout)
+    from flows.pipeline import training_pipeline
+
+    result = training_pipeline(str(layout.root))
+    versioning.commit_stages(layout)
+    metrics = json.loads(layout.metrics.read_text())
+    summary = {
+        "run_id": result["run_id"],
+        "model_name": result["model_name"],
+        "model_version": result["model_version"],
+        "data_version": versioning.data_version(layout),
+        "metrics": metrics,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        headline = ", ".join(
+            f"{k}={metrics[k]:.3f}" for k in ("ap50", "sens_at_1fp", "cpm", "auroc") if metrics.get(k) is not None
+        )
+        print(
+            f"registered {summary['model_name']} version {summary['model_version']} "
+            f"(run {summary['run_id']})\n"
+            f"data version {summary['data_version']}\n"
+            f"test metrics: {headline}\n"
+            f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{layout.mlflow_db}\n"
+            f"reports: {layout.reports}"
+        )
+    return 0
+
+
+def cmd_step(args: argparse.Namespace) -> int:
+    from flows import stages
+
+    layout, params = stages.open_workspace(_ws(args))
+    with _bar(args.stage) as bar:
+        result = stages.run_stage(args.stage, layout, params, bar)
+    log.info("stage %s done: %s", args.stage, getattr(result, "__dict__", None) or type(result).__name__)
+    return 0
+
+
+def _ws(args: argparse.Namespace) -> Path:
+    return Path(args.workspace) if args.workspace else Path.cwd()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="radflow", description=__doc__)
+    parser.add_argument("--workspace", metavar="DIR", help="radflow checkout to work on (default: .)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="make DIR a radflow workspace (git + DVC, params.yaml, dvc.yaml)")
+    p.add_argument("dir", nargs="?")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("synth", help="write synthetic chest-radiograph DICOMs and RSNA-format labels")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n-images", type=int)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("ingest", help="add DICOMs (and labels) to data/raw and record a data version")
+    p.add_argument("--dicom-dir", required=True)
+    p.add_argument("--labels", help="RSNA (patientId,x,y,width,height,Target) or canonical CSV")
+    p.add_argument("--replace", action="store_true", help="start the dataset over instead of appending")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("run", help="the main job: data (default synthetic) -> trained, registered model")
+    p.add_argument("--json", action="store_true", help="print one JSON summary object")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("step", help="run one pipeline stage without Prefect (used by dvc.yaml)")
+    p.add_argument("stage", choices=["validate", "preprocess", "extract_features", "train", "test", "register"])
+    p.set_defaults(func=cmd_step)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_environment()
+    try:
+        return int(args.func(args))
+    except RadflowError as exc:
+        print(f"radflow: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

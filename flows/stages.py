@@ -1,0 +1,66 @@
+"""Each stage called with its own params section: shared by the Prefect flow and `radflow step` (dvc repro)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from flows import tracking, versioning, workspace
+from pipeline_steps.config import Params
+from pipeline_steps.layout import Layout
+
+log = logging.getLogger("radflow")
+
+STAGES = ("validate", "preprocess", "extract_features", "train", "test", "register")
+
+
+def open_workspace(root: Path) -> tuple[Layout, Params]:
+    layout = workspace.resolve(root)
+    return layout, workspace.load(layout)
+
+
+def train(layout: Layout, params: Params) -> dict[str, object]:
+    from pipeline_steps import train as train_step
+
+    def on_epoch_end(epoch: int, logs: dict[str, float]) -> None:
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items()))
+        log.info("train: epoch %d/%d %s", epoch + 1, params.train.epochs, shown)
+
+    result = train_step.run(layout, params.train, params.test, params.preprocess.input_size, on_epoch_end)
+    return {"epochs_run": result.epochs_run, "resumed_from_epoch": result.resumed_from_epoch}
+
+
+def test(layout: Layout, params: Params) -> dict[str, float]:
+    from pipeline_steps import evaluate
+
+    return evaluate.run(layout, params.test, params.preprocess.input_size)
+
+
+def register(layout: Layout, params: Params) -> tracking.Registered:
+    from pipeline_steps.register import build_registration, read_results
+
+    metrics, history = read_results(layout)
+    registration = build_registration(
+        params, versioning.data_version(layout), workspace.code_version(), metrics, history
+    )
+    return tracking.log_and_register(layout, registration, layout.model)
+
+
+def run_stage(name: str, layout: Layout, params: Params, progress: Callable[[int, int], None] | None) -> object:
+    """One stage by name, as `dvc repro` runs it (no Prefect)."""
+    from pipeline_steps import features, preprocess, validate
+
+    if name == "validate":
+        return validate.run(layout, params.ingest, params.validate_)
+    if name == "preprocess":
+        return preprocess.run(layout, params.preprocess, progress)
+    if name == "extract_features":
+        return features.run(layout, params.extract_features, progress)
+    if name == "train":
+        return train(layout, params)
+    if name == "test":
+        return test(layout, params)
+    if name == "register":
+        return register(layout, params)
+    raise ValueError(f"unknown stage {name!r}; expected one of {STAGES}")
