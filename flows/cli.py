@@ -42,7 +42,9 @@ def _setup_environment() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_steps,radflow")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -54,15 +56,18 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from pipeline_steps.config import load_params
     from pipeline_steps.synth import generate_dataset
+
+    from pipeline_steps.config import load_params
 
     params_file = Path(args.workspace or ".") / "params.yaml"
     from pipeline_steps.config import SynthParams
 
     synth = load_params(params_file).synth if params_file.exists() else SynthParams()
     with _bar("synth") as bar:
-        summary = generate_dataset(synth, Path(args.out), n_images=args.n_images, seed=args.seed, progress=bar)
+        summary = generate_dataset(
+            synth, Path(args.out), n_images=args.n_images, seed=args.seed, progress=bar
+        )
     print(
         f"wrote {summary.n_images} images of {summary.n_patients} patients "
         f"({summary.n_positive} with findings, {summary.n_boxes} boxes) to {args.out}"
@@ -70,7 +75,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ingest(layout: object, dicom_dir: Path, labels: Path | None, replace: bool) -> dict[str, object]:
+def _ingest(
+    layout: object, dicom_dir: Path, labels: Path | None, replace: bool
+) -> dict[str, object]:
     from flows import versioning
     from pipeline_steps.ingest import ingest_directory
     from pipeline_steps.layout import Layout
@@ -93,7 +100,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from flows import workspace
 
     layout = workspace.resolve(_ws(args))
-    result = _ingest(layout, Path(args.dicom_dir), Path(args.labels) if args.labels else None, args.replace)
+    result = _ingest(
+        layout, Path(args.dicom_dir), Path(args.labels) if args.labels else None, args.replace
+    )
     if args.json:
         print(json.dumps(result))
     else:
@@ -107,9 +116,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def _ensure_data(layout: object) -> None:
     """A workspace without data gets the deterministic default dataset, recorded like any ingest."""
+    from pipeline_steps.synth import generate_dataset
+
     from flows import workspace
     from pipeline_steps.layout import Layout
-    from pipeline_steps.synth import generate_dataset
 
     assert isinstance(layout, Layout)
     if layout.raw_dvc.exists():
@@ -147,7 +157,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         headline = ", ".join(
-            f"{k}={metrics[k]:.3f}" for k in ("ap50", "sens_at_1fp", "cpm", "auroc") if metrics.get(k) is not None
+            f"{k}={metrics[k]:.3f}"
+            for k in ("ap50", "sens_at_1fp", "cpm", "auroc")
+            if metrics.get(k) is not None
         )
         print(
             f"registered {summary['model_name']} version {summary['model_version']} "
@@ -166,7 +178,9 @@ def cmd_step(args: argparse.Namespace) -> int:
     layout, params = stages.open_workspace(_ws(args))
     with _bar(args.stage) as bar:
         result = stages.run_stage(args.stage, layout, params, bar)
-    log.info("stage %s done: %s", args.stage, getattr(result, "__dict__", None) or type(result).__name__)
+    log.info(
+        "stage %s done: %s", args.stage, getattr(result, "__dict__", None) or type(result).__name__
+    )
     return 0
 
 
@@ -176,32 +190,46 @@ def _ws(args: argparse.Namespace) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radflow", description=__doc__)
-    parser.add_argument("--workspace", metavar="DIR", help="radflow checkout to work on (default: .)")
+    parser.add_argument(
+        "--workspace", metavar="DIR", help="radflow checkout to work on (default: .)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("init", help="make DIR a radflow workspace (git + DVC, params.yaml, dvc.yaml)")
+    p = sub.add_parser(
+        "init", help="make DIR a radflow workspace (git + DVC, params.yaml, dvc.yaml)"
+    )
     p.add_argument("dir", nargs="?")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("synth", help="write synthetic chest-radiograph DICOMs and RSNA-format labels")
+    p = sub.add_parser(
+        "synth", help="write synthetic chest-radiograph DICOMs and RSNA-format labels"
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--n-images", type=int)
     p.add_argument("--seed", type=int)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("ingest", help="add DICOMs (and labels) to data/raw and record a data version")
+    p = sub.add_parser(
+        "ingest", help="add DICOMs (and labels) to data/raw and record a data version"
+    )
     p.add_argument("--dicom-dir", required=True)
     p.add_argument("--labels", help="RSNA (patientId,x,y,width,height,Target) or canonical CSV")
-    p.add_argument("--replace", action="store_true", help="start the dataset over instead of appending")
+    p.add_argument(
+        "--replace", action="store_true", help="start the dataset over instead of appending"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ingest)
 
-    p = sub.add_parser("run", help="the main job: data (default synthetic) -> trained, registered model")
+    p = sub.add_parser(
+        "run", help="the main job: data (default synthetic) -> trained, registered model"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON summary object")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("step", help="run one pipeline stage without Prefect (used by dvc.yaml)")
-    p.add_argument("stage", choices=["validate", "preprocess", "extract_features", "train", "test", "register"])
+    p.add_argument(
+        "stage", choices=["validate", "preprocess", "extract_features", "train", "test", "register"]
+    )
     p.set_defaults(func=cmd_step)
     return parser
 

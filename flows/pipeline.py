@@ -34,9 +34,9 @@ preprocess_task = task(name="preprocess", cache_policy=NO_CACHE)(preprocess.run)
 extract_features_task = task(name="extract_features", cache_policy=NO_CACHE)(features.run)
 train_task = task(name="train", cache_policy=NO_CACHE)(stages.train)
 test_task = task(name="test", cache_policy=NO_CACHE)(stages.test)
-register_task = task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 20])(
-    stages.register
-)
+register_task = task(
+    name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 20]
+)(stages.register)
 
 
 @flow(name="training_pipeline", log_prints=True)

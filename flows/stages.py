@@ -27,7 +27,9 @@ def train(layout: Layout, params: Params) -> dict[str, object]:
         shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items()))
         log.info("train: epoch %d/%d %s", epoch + 1, params.train.epochs, shown)
 
-    result = train_step.run(layout, params.train, params.test, params.preprocess.input_size, on_epoch_end)
+    result = train_step.run(
+        layout, params.train, params.test, params.preprocess.input_size, on_epoch_end
+    )
     return {"epochs_run": result.epochs_run, "resumed_from_epoch": result.resumed_from_epoch}
 
 
@@ -47,7 +49,9 @@ def register(layout: Layout, params: Params) -> tracking.Registered:
     return tracking.log_and_register(layout, registration, layout.model)
 
 
-def run_stage(name: str, layout: Layout, params: Params, progress: Callable[[int, int], None] | None) -> object:
+def run_stage(
+    name: str, layout: Layout, params: Params, progress: Callable[[int, int], None] | None
+) -> object:
     """One stage by name, as `dvc repro` runs it (no Prefect)."""
     from pipeline_steps import features, preprocess, validate
 

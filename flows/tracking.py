@@ -68,15 +68,22 @@ def log_and_register(layout: Layout, registration: Registration, model_path: Pat
                 mlflow.log_artifact(str(report), artifact_path="reports")
         if layout.plots.exists():
             mlflow.log_artifacts(str(layout.plots), artifact_path="reports/plots")
-        info = mlflow.keras.log_model(model, name="model", registered_model_name=registration.model_name)
+        info = mlflow.keras.log_model(
+            model, name="model", registered_model_name=registration.model_name
+        )
         version = str(info.registered_model_version)
         for key, value in registration.tags.items():
             client.set_model_version_tag(registration.model_name, version, key, value)
         for key in ("ap50", "cpm", "sens_at_1fp"):
             if key in registration.metrics:
                 client.set_model_version_tag(
-                    registration.model_name, version, f"metric.{key}", f"{registration.metrics[key]:.4f}"
+                    registration.model_name,
+                    version,
+                    f"metric.{key}",
+                    f"{registration.metrics[key]:.4f}",
                 )
         result = Registered(run.info.run_id, registration.model_name, version)
-    layout.registration.write_text(json.dumps(result.__dict__ | {"tags": registration.tags}, indent=2))
+    layout.registration.write_text(
+        json.dumps(result.__dict__ | {"tags": registration.tags}, indent=2)
+    )
     return result

@@ -38,14 +38,18 @@ def dvc(root: Path, *args: str) -> str:
             [sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True, env=env
         )
     if done.returncode != 0:
-        raise WorkspaceError(f"dvc {' '.join(args)} failed in {root}:\n{done.stderr.strip()[-2000:]}")
+        raise WorkspaceError(
+            f"dvc {' '.join(args)} failed in {root}:\n{done.stderr.strip()[-2000:]}"
+        )
     return done.stdout
 
 
 def data_version(layout: Layout) -> str:
     """The DVC md5 of data/raw (ends in `.dir`), as recorded in data/raw.dvc."""
     if not layout.raw_dvc.exists():
-        raise WorkspaceError(f"{layout.raw_dvc}: no data version yet. Run `radflow ingest` or `radflow run`.")
+        raise WorkspaceError(
+            f"{layout.raw_dvc}: no data version yet. Run `radflow ingest` or `radflow run`."
+        )
     record = yaml.safe_load(layout.raw_dvc.read_text())
     return str(record["outs"][0]["md5"])
 

@@ -32,7 +32,9 @@ def code_version() -> str:
     root = source_root()
     try:
         commit = _git(root, "rev-parse", "HEAD")
-        dirty = _git(root, "status", "--porcelain", "--", "pipeline_steps", "flows", "pyproject.toml")
+        dirty = _git(
+            root, "status", "--porcelain", "--", "pipeline_steps", "flows", "pyproject.toml"
+        )
     except WorkspaceError:
         return "unknown"
     return commit + ("-dirty" if dirty else "")

@@ -95,13 +95,19 @@ class ExtractFeaturesParams(_Section):
 
 
 class TrainParams(_Section):
+    """Detector training (pipeline_steps/train.py); width/depth size the network."""
+
     seed: int = 7
     epochs: int = Field(12, ge=1)
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(2e-3, gt=0)
-    width: int = Field(16, ge=4)
-    depth: int = Field(4, ge=2, le=6)
+    width: int = Field(16, ge=4, description="stem channels; stages double it, capped at 8x")
+    depth: int = Field(4, ge=2, le=6, description="stride-2 stages after the stem")
     patience: int = Field(4, ge=1)
+    monitor: Literal["val_ap", "val_loss"] = "val_ap"
+    augment: bool = True
+    shuffle_buffer: int = Field(256, ge=1, description="examples held for streaming shuffle")
+    deterministic: bool = Field(True, description="TF op determinism (process-wide)")
 
 
 class TestParams(_Section):
@@ -110,6 +116,8 @@ class TestParams(_Section):
     score_threshold: float = Field(0.3, ge=0.0, le=1.0)
     max_detections: int = Field(5, ge=1)
     nms_iou: float = Field(0.3, gt=0.0, le=1.0)
+    # A detection matches a true box at IoU >= match_iou (validation AP during training).
+    match_iou: float = Field(0.3, gt=0.0, le=1.0)
 
 
 class RegisterParams(_Section):
@@ -147,7 +155,8 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
             key = ".".join(str(p) for p in err["loc"]) or "<root>"
             problems.append(f"  {key}: {err['msg']}")
         raise ConfigError(
-            f"{source}: invalid configuration\n" + "\n".join(problems)
+            f"{source}: invalid configuration\n"
+            + "\n".join(problems)
             + "\nFix the key(s) above; see params.yaml in the radflow repository for defaults."
         ) from None
 

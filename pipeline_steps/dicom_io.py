@@ -23,7 +23,7 @@ class Spacing:
     row_mm: float
     col_mm: float
     source: str  # PixelSpacing | ImagerPixelSpacing | default
-    flagged: bool  # a tag was present but missing/zero/absurd and was not trusted
+    flagged: bool  # a tag was zero/absurd/unparsable, or none was present and the default was used
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,8 @@ def resolve_spacing(ds: Dataset, default_mm: float, max_mm: float = 5.0) -> Spac
         if 0.0 < row <= max_mm and 0.0 < col <= max_mm:
             return Spacing(row, col, tag, flagged)
         flagged = True
-    return Spacing(default_mm, default_mm, "default", flagged)
+    # Falling back is never silent: the row is flagged even when the tags were simply absent.
+    return Spacing(default_mm, default_mm, "default", True)
 
 
 def window_of(ds: Dataset) -> Window:
@@ -99,10 +100,14 @@ def read_image(path: Path, default_spacing_mm: float) -> DicomImage:
         ds = pydicom.dcmread(path)
         raw = ds.pixel_array
     except Exception as exc:
-        raise DataError(f"{path.name}: pixel data cannot be decoded ({type(exc).__name__}: {exc})") from None
+        raise DataError(
+            f"{path.name}: pixel data cannot be decoded ({type(exc).__name__}: {exc})"
+        ) from None
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if photometric not in GRAYSCALE or raw.ndim != 2:
-        raise DataError(f"{path.name}: not a single-frame grayscale image ({photometric}, {raw.shape})")
+        raise DataError(
+            f"{path.name}: not a single-frame grayscale image ({photometric}, {raw.shape})"
+        )
     pixels = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
     return DicomImage(
         pixels=pixels,

@@ -42,7 +42,9 @@ def image_features(image: np.ndarray, params: ExtractFeaturesParams) -> dict[str
 
 
 def run(
-    layout: Layout, params: ExtractFeaturesParams, progress: Callable[[int, int], None] | None = None
+    layout: Layout,
+    params: ExtractFeaturesParams,
+    progress: Callable[[int, int], None] | None = None,
 ) -> pd.DataFrame:
     """Stage edge: shards -> data/features/features.parquet."""
     manifest = pd.read_parquet(layout.manifest)
@@ -54,7 +56,9 @@ def run(
             data = np.load(layout.processed / "shards" / str(shard), mmap_mode="r")
             for _, row in members.sort_values("index").iterrows():
                 image = np.asarray(data[int(row["index"])], dtype=np.float32) / QUANT
-                rows.append({"image_id": row["image_id"], "split": split, **image_features(image, params)})
+                rows.append(
+                    {"image_id": row["image_id"], "split": split, **image_features(image, params)}
+                )
                 done += 1
                 if progress:
                     progress(done, len(manifest))

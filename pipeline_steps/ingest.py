@@ -132,7 +132,9 @@ def ingest_directory(
         if not labels_file.is_file():
             raise DataError(f"{labels_file}: labels file not found")
         new_rows, orphan = canonical_from_csv(pd.read_csv(labels_file), stem_to_id)
-    existing = pd.read_csv(labels_path) if labels_path.exists() else pd.DataFrame(columns=LABEL_COLUMNS)
+    existing = (
+        pd.read_csv(labels_path) if labels_path.exists() else pd.DataFrame(columns=LABEL_COLUMNS)
+    )
     # Labels of an image already present are kept as they were: appending must not rewrite history.
     fresh = new_rows[~new_rows["image_id"].isin(set(existing["image_id"]))]
     merged = pd.concat([existing, fresh], ignore_index=True) if len(existing) else fresh

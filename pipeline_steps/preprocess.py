@@ -61,7 +61,9 @@ def plan_geometry(
     shrink = min(1.0, size / (rows * fy), size / (cols * fx))
     out_h = max(1, min(size, round(rows * fy * shrink)))
     out_w = max(1, min(size, round(cols * fx * shrink)))
-    return Geometry(rows, cols, out_w / cols, out_h / rows, (size - out_w) // 2, (size - out_h) // 2, size)
+    return Geometry(
+        rows, cols, out_w / cols, out_h / rows, (size - out_w) // 2, (size - out_h) // 2, size
+    )
 
 
 class DisplayWindow:
@@ -119,23 +121,25 @@ def assign_split(patient_pseudonym: str, params: SplitParams) -> str:
     return "train"
 
 
-def preprocess_image(
-    image: DicomImage, geometry: Geometry, params: PreprocessParams
-) -> np.ndarray:
+def preprocess_image(image: DicomImage, geometry: Geometry, params: PreprocessParams) -> np.ndarray:
     """One decoded image to its uint16 model input."""
     display = DisplayWindow(params.window, params.percentiles)(image)
     boxed = Letterbox(geometry)(display)
     return np.round(np.clip(boxed, 0.0, 1.0) * QUANT).astype(np.uint16)
 
 
-def _work(job: tuple[str, float, float, int, int, PreprocessParams]) -> tuple[np.ndarray | None, str]:
+def _work(
+    job: tuple[str, float, float, int, int, PreprocessParams],
+) -> tuple[np.ndarray | None, str]:
     """Worker: (path, spacing, size, params) -> (uint16 image or None, error message)."""
     path, sp_row, sp_col, rows, cols, params = job
     try:
         image = read_image(Path(path), default_spacing_mm=sp_row)
     except DataError as exc:
         return None, str(exc)
-    geometry = plan_geometry(rows, cols, sp_row, sp_col, params.input_size, params.target_spacing_mm)
+    geometry = plan_geometry(
+        rows, cols, sp_row, sp_col, params.input_size, params.target_spacing_mm
+    )
     return preprocess_image(image, geometry, params), ""
 
 
@@ -192,11 +196,17 @@ def run(
                         progress(done, total)
                     row = metadata.loc[i]
                     if array is None:
-                        failures.append({"image_id": row.image_id, "reason": "decode_failed", "message": error})
+                        failures.append(
+                            {"image_id": row.image_id, "reason": "decode_failed", "message": error}
+                        )
                         continue
                     g = plan_geometry(
-                        int(row.rows), int(row.columns), float(row.spacing_row_mm),
-                        float(row.spacing_col_mm), params.input_size, params.target_spacing_mm,
+                        int(row.rows),
+                        int(row.columns),
+                        float(row.spacing_row_mm),
+                        float(row.spacing_col_mm),
+                        params.input_size,
+                        params.target_spacing_mm,
                     )
                     manifest_rows.append(
                         {
@@ -229,8 +239,13 @@ def run(
 
 def geometry_of(row: pd.Series | dict[str, object], size: int) -> Geometry:
     return Geometry(
-        int(row["orig_rows"]), int(row["orig_cols"]), float(row["scale_x"]), float(row["scale_y"]),
-        int(row["pad_x"]), int(row["pad_y"]), size,
+        int(row["orig_rows"]),
+        int(row["orig_cols"]),
+        float(row["scale_x"]),
+        float(row["scale_y"]),
+        int(row["pad_x"]),
+        int(row["pad_y"]),
+        size,
     )
 
 
@@ -239,10 +254,20 @@ def transform_boxes(labels: pd.DataFrame, manifest: pd.DataFrame, size: int) -> 
     positives = labels.dropna(subset=["x_min"]).merge(manifest, on="image_id")
     out: list[dict[str, object]] = []
     for _, row in positives.iterrows():
-        box = geometry_of(row, size).forward(np.array([row.x_min, row.y_min, row.x_max, row.y_max]))[0]
+        box = geometry_of(row, size).forward(
+            np.array([row.x_min, row.y_min, row.x_max, row.y_max])
+        )[0]
         box = np.clip(box, 0, size)
-        out.append({"image_id": row.image_id, "label": row.label, "x_min": box[0], "y_min": box[1],
-                    "x_max": box[2], "y_max": box[3]})
+        out.append(
+            {
+                "image_id": row.image_id,
+                "label": row.label,
+                "x_min": box[0],
+                "y_min": box[1],
+                "x_max": box[2],
+                "y_max": box[3],
+            }
+        )
     return pd.DataFrame(out, columns=["image_id", "label", "x_min", "y_min", "x_max", "y_max"])
 
 
@@ -267,7 +292,9 @@ class ProcessedSplit:
 
 def load_split(processed_dir: Path, split: str) -> ProcessedSplit:
     manifest = pd.read_parquet(processed_dir / "manifest.parquet")
-    rows = manifest[manifest["split"] == split].sort_values(["shard", "index"]).reset_index(drop=True)
+    rows = (
+        manifest[manifest["split"] == split].sort_values(["shard", "index"]).reset_index(drop=True)
+    )
     boxes = pd.read_parquet(processed_dir / "boxes.parquet")
     grouped = {
         str(k): g[["x_min", "y_min", "x_max", "y_max"]].to_numpy(np.float32)

@@ -10,7 +10,15 @@ from pipeline_steps.config import Params
 from pipeline_steps.layout import Layout
 
 # synth shapes the data, which data_version already identifies; the rest shapes the model.
-MODEL_SECTIONS = ("ingest", "validate", "preprocess", "extract_features", "train", "test", "register")
+MODEL_SECTIONS = (
+    "ingest",
+    "validate",
+    "preprocess",
+    "extract_features",
+    "train",
+    "test",
+    "register",
+)
 
 
 @dataclass(frozen=True)

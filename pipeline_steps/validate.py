@@ -87,24 +87,33 @@ def _text(ds: Dataset, keyword: str) -> str:
 def reject_reason(ds: Dataset, params: IngestParams) -> tuple[str, str] | None:
     """Why a header cannot be a training image, as (reason code, message), or None when it can."""
     modality = _text(ds, "Modality").upper()
-    if modality in NON_IMAGE_MODALITIES or "PixelData" not in ds and "Rows" not in ds:
+    if modality in NON_IMAGE_MODALITIES or "Rows" not in ds:
         return "not_image", f"modality {modality or '?'} carries no image"
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "Rows" in ds:
-        # stop_before_pixels hides PixelData; Rows without BitsAllocated means a header-only object.
-        if "BitsAllocated" not in ds:
-            return "no_pixel_data", "no pixel data element"
+    if "BitsAllocated" not in ds:
+        # The header is read with stop_before_pixels, so an image description without
+        # BitsAllocated is the reliable sign of an object that has no pixel data.
+        return "no_pixel_data", "no pixel data description (BitsAllocated missing)"
     photometric = _text(ds, "PhotometricInterpretation").upper()
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1 or photometric not in GRAYSCALE:
         return "colour", f"photometric interpretation {photometric or '?'} is not grayscale"
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         return "multiframe", f"{ds.get('NumberOfFrames')} frames; only single-frame images are used"
     if modality not in params.allowed_modalities:
-        return "modality_not_allowed", f"modality {modality or '?'} not in {list(params.allowed_modalities)}"
+        return (
+            "modality_not_allowed",
+            f"modality {modality or '?'} not in {list(params.allowed_modalities)}",
+        )
     body_part = _text(ds, "BodyPartExamined").upper()
     if body_part and body_part not in params.allowed_body_parts:
-        return "body_part_not_allowed", f"body part {body_part} not in {list(params.allowed_body_parts)}"
+        return (
+            "body_part_not_allowed",
+            f"body part {body_part} not in {list(params.allowed_body_parts)}",
+        )
     if _text(ds, "BurnedInAnnotation").upper() == "YES":
-        return "burned_in_annotation", "BurnedInAnnotation=YES: header de-identification cannot remove it"
+        return (
+            "burned_in_annotation",
+            "BurnedInAnnotation=YES: header de-identification cannot remove it",
+        )
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if min(rows, cols) < params.min_size_px:
         return "too_small", f"{rows}x{cols} is below the minimum {params.min_size_px} px"
@@ -133,7 +142,9 @@ def describe_header(ds: Dataset, image_id: str, params: IngestParams, key: str) 
         "columns": int(ds.Columns),
         "bits_stored": int(ds.get("BitsStored", 0) or 0),
         "photometric": _text(ds, "PhotometricInterpretation").upper(),
-        "transfer_syntax": str(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in ds.get("file_meta", {}) else "",
+        "transfer_syntax": str(ds.file_meta.TransferSyntaxUID)
+        if "TransferSyntaxUID" in ds.get("file_meta", {})
+        else "",
         "spacing_row_mm": spacing.row_mm,
         "spacing_col_mm": spacing.col_mm,
         "spacing_source": spacing.source,
@@ -154,11 +165,15 @@ def build_metadata(
         try:
             ds = read_header(path)
         except DataError as exc:
-            rejected.append({"image_id": image_id, "file": rel, "reason": "corrupt", "message": str(exc)})
+            rejected.append(
+                {"image_id": image_id, "file": rel, "reason": "corrupt", "message": str(exc)}
+            )
             continue
         verdict = reject_reason(ds, params)
         if verdict is not None:
-            rejected.append({"image_id": image_id, "file": rel, "reason": verdict[0], "message": verdict[1]})
+            rejected.append(
+                {"image_id": image_id, "file": rel, "reason": verdict[0], "message": verdict[1]}
+            )
             continue
         row = describe_header(ds, image_id, params, key)
         row["file"] = rel
@@ -192,12 +207,18 @@ def _gx_results(
                 E.ExpectTableColumnsToMatchSet(column_set=METADATA_COLUMNS, exact_match=True),
                 E.ExpectColumnValuesToBeUnique(column="image_id"),
                 E.ExpectColumnValuesToNotBeNull(column="patient_pseudonym"),
-                E.ExpectColumnValuesToBeInSet(column="modality", value_set=list(allowed.allowed_modalities)),
+                E.ExpectColumnValuesToBeInSet(
+                    column="modality", value_set=list(allowed.allowed_modalities)
+                ),
                 E.ExpectColumnValuesToBeInSet(column="photometric", value_set=list(GRAYSCALE)),
                 E.ExpectColumnValuesToBeBetween(column="rows", min_value=lo_px, max_value=hi_px),
                 E.ExpectColumnValuesToBeBetween(column="columns", min_value=lo_px, max_value=hi_px),
-                E.ExpectColumnValuesToBeBetween(column="spacing_row_mm", min_value=lo_sp, max_value=hi_sp),
-                E.ExpectColumnValuesToBeBetween(column="spacing_col_mm", min_value=lo_sp, max_value=hi_sp),
+                E.ExpectColumnValuesToBeBetween(
+                    column="spacing_row_mm", min_value=lo_sp, max_value=hi_sp
+                ),
+                E.ExpectColumnValuesToBeBetween(
+                    column="spacing_col_mm", min_value=lo_sp, max_value=hi_sp
+                ),
                 E.ExpectTableRowCountToBeBetween(min_value=params.min_images),
                 E.ExpectColumnValuesToBeInSet(
                     column="spacing_flagged", value_set=[False], meta={"severity": "warning"}
@@ -238,7 +259,9 @@ def _gx_results(
                     name=label,
                     severity=(config.meta or {}).get("severity", "critical"),
                     success=bool(res.success),
-                    unexpected=[x if isinstance(x, str | int | float | bool) else str(x) for x in sample[:5]],
+                    unexpected=[
+                        x if isinstance(x, str | int | float | bool) else str(x) for x in sample[:5]
+                    ],
                 )
             )
     return results
@@ -248,7 +271,9 @@ def validate_tables(
     metadata: pd.DataFrame, labels: pd.DataFrame, params: ValidateParams, allowed: IngestParams
 ) -> ValidationReport:
     """Run the metadata and label expectations; critical failures make `success` false."""
-    joined = labels.dropna(subset=["x_min"]).merge(metadata[["image_id", "rows", "columns"]], on="image_id")
+    joined = labels.dropna(subset=["x_min"]).merge(
+        metadata[["image_id", "rows", "columns"]], on="image_id"
+    )
     boxes = pd.DataFrame(
         {
             "image_id": joined["image_id"],
@@ -266,7 +291,13 @@ def validate_tables(
     fraction = positives / labelled if labelled else float("nan")
     lo, hi = params.positive_fraction
     results.append(
-        Expectation("labels", "positive_fraction_in_range", "critical", bool(lo <= fraction <= hi), [fraction])
+        Expectation(
+            "labels",
+            "positive_fraction_in_range",
+            "critical",
+            bool(lo <= fraction <= hi),
+            [fraction],
+        )
     )
     ok = all(r.success for r in results if r.severity == "critical")
     return ValidationReport(ok, len(metadata), 0, len(labels), float(fraction), results)
@@ -289,31 +320,46 @@ def pseudonym_key() -> str:
 def run(layout: Layout, ingest: IngestParams, params: ValidateParams) -> ValidationReport:
     """Stage edge: data/raw -> data/interim/{metadata,labels}.parquet + reports; raises on critical failures."""
     if not layout.raw_images.is_dir():
-        raise DataError(f"{layout.raw_images}: no raw data. Run `radflow ingest` or `radflow run` first.")
+        raise DataError(
+            f"{layout.raw_images}: no raw data. Run `radflow ingest` or `radflow run` first."
+        )
     metadata, quarantine = build_metadata(layout.raw_images, ingest, pseudonym_key())
     raw_labels = (
-        pd.read_csv(layout.raw_labels) if layout.raw_labels.exists() else pd.DataFrame(columns=LABEL_COLUMNS)
+        pd.read_csv(layout.raw_labels)
+        if layout.raw_labels.exists()
+        else pd.DataFrame(columns=LABEL_COLUMNS)
     )
     labels = build_labels(raw_labels, metadata)
     report = validate_tables(metadata, labels, params, ingest)
     report = ValidationReport(
-        report.success, report.n_images, len(quarantine), report.n_label_rows,
-        report.positive_fraction, report.expectations,
+        report.success,
+        report.n_images,
+        len(quarantine),
+        report.n_label_rows,
+        report.positive_fraction,
+        report.expectations,
     )
     layout.interim.mkdir(parents=True, exist_ok=True)
     layout.reports.mkdir(parents=True, exist_ok=True)
     metadata.to_parquet(layout.metadata, index=False)
     labels.to_parquet(layout.labels, index=False)
     quarantine.to_csv(layout.quarantine, index=False)
-    summary = asdict(report) | {"quarantined_by_reason": quarantine["reason"].value_counts().to_dict()}
+    summary = asdict(report) | {
+        "quarantined_by_reason": quarantine["reason"].value_counts().to_dict()
+    }
     layout.validation_report.write_text(json.dumps(summary, indent=2, default=str))
     for warning in report.warnings:
-        log.warning("data validation warning: %s.%s (e.g. %s)", warning.table, warning.name, warning.unexpected)
+        log.warning(
+            "data validation warning: %s.%s (e.g. %s)",
+            warning.table,
+            warning.name,
+            warning.unexpected,
+        )
     if not report.success:
         lines = [f"  {f.table}: {f.name}, e.g. {f.unexpected}" for f in report.failures]
         raise ValidationFailed(
-            "data validation failed; training will not start:\n" + "\n".join(lines)
+            "data validation failed; training will not start:\n"
+            + "\n".join(lines)
             + f"\nSee {layout.validation_report} and fix the data (or params.yaml `validate`)."
         )
     return report
-

@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from pipeline_steps.config import Params, load_params, parse_params
+from pipeline_steps.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_repository_params_load_into_typed_sections():
+    params = load_params(REPO / "params.yaml")
+    assert params.preprocess.input_size == 256
+    assert params.register_.model_name == "radflow-detector"
+    assert params.validate_.min_images >= 1
+    # the file mirrors the typed defaults, so nothing in it is silently ignored
+    assert params == Params()
+
+
+def test_unknown_key_is_named(tmp_path):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"]["epoch"] = 3  # typo for epochs
+    with pytest.raises(ConfigError, match=r"train\.epoch"):
+        parse_params(raw)
+
+
+def test_bad_value_names_the_dotted_key():
+    with pytest.raises(ConfigError, match=r"preprocess\.split\.test_fraction"):
+        parse_params({"preprocess": {"split": {"test_fraction": 1.5}}})
+
+
+def test_bad_range_names_the_section():
+    with pytest.raises(ConfigError, match=r"synth\.lesions"):
+        parse_params({"synth": {"lesions": {"diameter_mm": [30, 6]}}})
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_params_are_frozen_and_hash_changes_with_values():
+    params = Params()
+    with pytest.raises(ValidationError):
+        params.train.epochs = 3  # type: ignore[misc]
+    changed = parse_params({"train": {"epochs": 3}})
+    assert params.stage_hash("train") != changed.stage_hash("train")
+    assert params.stage_hash("preprocess") == changed.stage_hash("preprocess")
