@@ -39,7 +39,7 @@ def dvc(root: Path, *args: str) -> str:
         )
     if done.returncode != 0:
         raise WorkspaceError(
-            f"dvc {' '.join(args)} failed in {root}:\n{done.stderr.strip()[-2000:]}"
+            f"dvc {' '.join(args)} failed in {root}:\n{(done.stderr + done.stdout).strip()[-2000:]}"
         )
     return done.stdout
 
