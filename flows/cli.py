@@ -39,7 +39,8 @@ def _bar(desc: str) -> Iterator[Callable[[int, int], None]]:
 
 def _setup_environment() -> None:
     """Quiet noisy libraries and route radflow's loggers through Prefect; done at start-up, not import."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow's C++ start-up chatter (oneDNN, CPU features) is noise to a user; Python errors still raise.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_steps,radflow")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     logging.basicConfig(

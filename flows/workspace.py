@@ -56,6 +56,19 @@ def load(layout: Layout) -> Params:
     return load_params(layout.root / "params.yaml")
 
 
+def _point_code_deps_at_source(dvc_yaml: Path) -> None:
+    """A workspace outside the radflow checkout depends on the code it runs: DVC takes absolute deps."""
+    source = source_root()
+    lines = []
+    for line in dvc_yaml.read_text().splitlines(keepends=True):
+        stripped = line.lstrip()
+        if stripped.startswith(("- pipeline_steps/", "- flows/")):
+            indent = line[: len(line) - len(stripped)]
+            line = f"{indent}- {source}/{stripped[2:]}"
+        lines.append(line)
+    dvc_yaml.write_text("".join(lines))
+
+
 def init(path: Path) -> Layout:
     """Create (or complete) a workspace: git repo, DVC repo with autostage, params.yaml and dvc.yaml."""
     root = path.resolve()
@@ -65,6 +78,8 @@ def init(path: Path) -> Layout:
     for name in TEMPLATE_FILES:
         if not (root / name).exists():
             shutil.copyfile(source_root() / name, root / name)
+    if root != source_root():
+        _point_code_deps_at_source(root / "dvc.yaml")
     if not (root / ".dvc").exists():
         from flows import versioning
 

@@ -23,8 +23,9 @@ class LesionParams(_Section):
     positive_fraction: float = Field(0.5, ge=0.0, le=1.0)
     max_per_image: int = Field(3, ge=1, le=10)
     diameter_mm: tuple[float, float] = (6.0, 30.0)
-    # Peak extra attenuation of a lesion, as a fraction of a typical lung-field path (difficulty knob).
-    contrast: tuple[float, float] = (0.25, 0.6)
+    # Lesion density above the aerated lung it displaces, as extra water-equivalent cm per cm of
+    # lesion thickness (difficulty knob): ~0.75 is a solid nodule, above 1 a dense or calcified one.
+    contrast: tuple[float, float] = (0.6, 1.2)
 
     @model_validator(mode="after")
     def _ranges(self) -> LesionParams:
@@ -51,6 +52,17 @@ class SynthParams(_Section):
     # Strength of rib and vessel texture, the main difficulty knob (0 = none, 1 = realistic).
     texture: float = Field(1.0, ge=0.0, le=3.0)
     lesions: LesionParams = LesionParams()
+
+    @model_validator(mode="after")
+    def _shapes(self) -> SynthParams:
+        lo, hi = self.images_per_patient
+        if not 1 <= lo <= hi:
+            raise ValueError("images_per_patient must be an increasing pair of counts >= 1")
+        if min(self.native_size) < 256:
+            raise ValueError("native_size must be at least 256 x 256 pixels")
+        if not self.bits_stored or not all(8 <= b <= 16 for b in self.bits_stored):
+            raise ValueError("bits_stored values must lie in 8..16 (BitsAllocated is 16)")
+        return self
 
 
 class IngestParams(_Section):
@@ -105,6 +117,7 @@ class TrainParams(_Section):
     depth: int = Field(4, ge=2, le=6, description="stride-2 stages after the stem")
     patience: int = Field(4, ge=1)
     monitor: Literal["val_ap", "val_loss"] = "val_ap"
+    val_iou: float = Field(0.3, gt=0.0, le=1.0, description="IoU for a hit in val_ap")
     augment: bool = True
     shuffle_buffer: int = Field(256, ge=1, description="examples held for streaming shuffle")
     deterministic: bool = Field(True, description="TF op determinism (process-wide)")
@@ -116,8 +129,6 @@ class TestParams(_Section):
     score_threshold: float = Field(0.3, ge=0.0, le=1.0)
     max_detections: int = Field(5, ge=1)
     nms_iou: float = Field(0.3, gt=0.0, le=1.0)
-    # A detection matches a true box at IoU >= match_iou (validation AP during training).
-    match_iou: float = Field(0.3, gt=0.0, le=1.0)
 
 
 class RegisterParams(_Section):
