@@ -57,9 +57,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from pipeline_steps.synth import generate_dataset
-
     from pipeline_steps.config import load_params
+    from pipeline_steps.synth import generate_dataset
 
     params_file = Path(args.workspace or ".") / "params.yaml"
     from pipeline_steps.config import SynthParams
@@ -117,10 +116,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def _ensure_data(layout: object) -> None:
     """A workspace without data gets the deterministic default dataset, recorded like any ingest."""
-    from pipeline_steps.synth import generate_dataset
-
     from flows import workspace
     from pipeline_steps.layout import Layout
+    from pipeline_steps.synth import generate_dataset
 
     assert isinstance(layout, Layout)
     if layout.raw_dvc.exists():

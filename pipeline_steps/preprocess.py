@@ -7,10 +7,11 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -237,7 +238,7 @@ def run(
     return manifest
 
 
-def geometry_of(row: pd.Series | dict[str, object], size: int) -> Geometry:
+def geometry_of(row: Mapping[str, Any], size: int) -> Geometry:
     return Geometry(
         int(row["orig_rows"]),
         int(row["orig_cols"]),
