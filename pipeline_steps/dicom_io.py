@@ -3,17 +3,92 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import math
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, get_decoder
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGExtended12Bit,
+)
 
 from pipeline_steps.errors import DataError
 
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+PIXEL_KEYWORDS = {
+    0x7FE00010: "PixelData",
+    0x7FE00008: "FloatPixelData",
+    0x7FE00009: "DoubleFloatPixelData",
+}
+_ITEM, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE0DD
+_LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
+_MAX_FRAGMENTS = 100_000  # beyond this the fragment walk is left to the decoder
+
+# What each optional decoder adds (pydicom tries gdcm, then pylibjpeg, then Pillow):
+# - pylibjpeg-openjpeg (MIT, default): JPEG 2000 and HTJ2K.
+# - pylibjpeg-rle (MIT, default): faster RLE; pydicom also decodes RLE by itself.
+# - Pillow (MIT-CMU, installed with the stack): JPEG Baseline and 8-bit JPEG Extended, JPEG 2000.
+# - pylibjpeg-libjpeg (GPLv3, the opt-in `jpeg` extra): JPEG Lossless (common for CR/DX),
+#   12-bit JPEG Extended and JPEG-LS. python-gdcm (BSD) covers the same syntaxes.
+_LIBJPEG_ADVICE = (
+    "install pylibjpeg-libjpeg (GPLv3) via the `jpeg` extra (pip install 'radflow[jpeg]'), "
+    "or python-gdcm"
+)
+_OPENJPEG_ADVICE = (
+    "install pylibjpeg-openjpeg (a radflow dependency: the environment is incomplete)"
+)
+_ADVICE = {
+    "1.2.840.10008.1.2.4.50": _LIBJPEG_ADVICE,
+    "1.2.840.10008.1.2.4.51": _LIBJPEG_ADVICE,
+    "1.2.840.10008.1.2.4.57": _LIBJPEG_ADVICE,
+    "1.2.840.10008.1.2.4.70": _LIBJPEG_ADVICE,
+    "1.2.840.10008.1.2.4.80": _LIBJPEG_ADVICE,
+    "1.2.840.10008.1.2.4.81": _LIBJPEG_ADVICE,
+    "1.2.840.10008.1.2.4.90": _OPENJPEG_ADVICE,
+    "1.2.840.10008.1.2.4.91": _OPENJPEG_ADVICE,
+    "1.2.840.10008.1.2.4.201": _OPENJPEG_ADVICE,
+    "1.2.840.10008.1.2.4.202": _OPENJPEG_ADVICE,
+    "1.2.840.10008.1.2.4.203": _OPENJPEG_ADVICE,
+}
+
+
+@contextmanager
+def values_unvalidated() -> Iterator[None]:
+    """Silence pydicom's value validation while radflow reads headers.
+
+    pydicom logs and warns the offending value (a malformed birth date, say), and values may be PHI.
+    radflow judges the values it uses itself (`text_tag`, `int_tag`), with messages that name the tag
+    only. The setting is process-wide; the previous mode is restored on exit.
+    """
+    settings = pydicom.config.settings
+    previous = settings.reading_validation_mode
+    settings.reading_validation_mode = pydicom.config.IGNORE
+    try:
+        yield
+    finally:
+        settings.reading_validation_mode = previous
+
+
+class UnreadableDicom(DataError):
+    """A file that cannot be read as DICOM at all; `reason` is `not_dicom` or `corrupt`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -30,6 +105,41 @@ class Spacing:
 class Window:
     center: float | None
     width: float | None
+    count: int = 0  # how many windows the header lists; more than one is common, the first is used
+
+
+@dataclass(frozen=True, eq=False)
+class VoiLut:
+    """The first item of a VOI LUT Sequence: modality values -> display values in [0, 2**bits - 1]."""
+
+    first_mapped: int
+    table: np.ndarray
+    bits: int
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        # PS3.3 C.11.2.1.1: inputs below the first mapped value take the first entry, above the last the last.
+        index = np.clip(np.rint(pixels) - self.first_mapped, 0, len(self.table) - 1)
+        return self.table[index.astype(np.int64)].astype(np.float32)
+
+
+@dataclass(frozen=True)
+class PixelElement:
+    """What the header read learned about the pixel data element, without reading its value."""
+
+    keyword: str  # PixelData | FloatPixelData | DoubleFloatPixelData | "" when the file has none
+    encapsulated: bool = False
+    problem: str = ""  # truncated or malformed, found without decoding
+
+
+@dataclass(frozen=True)
+class Header:
+    """A header read with stop_before_pixels, plus what lies where the read stopped."""
+
+    dataset: Dataset
+    pixel: PixelElement
+    transfer_syntax: str  # declared, or inferred from the encoding when the file meta lacks it
+    transfer_syntax_inferred: bool
+    forced: bool = False  # read without preamble/`DICM` marker
 
 
 @dataclass(frozen=True)
@@ -41,14 +151,12 @@ class DicomImage:
     window: Window
     spacing: Spacing
     pixel_sha256: str
+    voi_lut: VoiLut | None = field(default=None, compare=False)
+    modality_lut: str = "none"  # lut_sequence | rescale | rescale_partial | none
 
-
-def read_header(path: Path) -> Dataset:
-    """Read a header without pixel data. Raises DataError naming the file if it is not DICOM."""
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
-    except Exception as exc:  # pydicom raises many types for corrupt input
-        raise DataError(f"{path.name}: not a readable DICOM file ({type(exc).__name__})") from None
+    @property
+    def voi_source(self) -> str:
+        return _voi_source(self.window, self.voi_lut is not None)
 
 
 def _first(value: object) -> float | None:
@@ -60,6 +168,59 @@ def _first(value: object) -> float | None:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
+
+
+class HeaderValueError(ValueError):
+    """A header value that breaks its VR. The message names the tag, never the value (it may be PHI)."""
+
+
+# VR maximum lengths (PS3.5 6.2) of the string VRs that radflow exports or quotes.
+_MAX_CHARS = {
+    "AE": 16,
+    "AS": 4,
+    "CS": 16,
+    "DA": 8,
+    "DS": 16,
+    "IS": 12,
+    "LO": 64,
+    "SH": 16,
+    "UI": 64,
+}
+
+
+def int_tag(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
+    """An integer tag, `default` when absent or empty; raises HeaderValueError naming the tag when malformed."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise HeaderValueError(f"{keyword} is not an integer: the header is damaged") from None
+
+
+def text_tag(ds: Dataset, keyword: str) -> str:
+    """A string tag that radflow exports or quotes, stripped; "" when absent.
+
+    A damaged length makes a value swallow the elements after it (names, IDs, dates). Such a value
+    breaks its VR (too long, or control bytes from the swallowed tags), so it is refused, not exported.
+    """
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    text = str(value).strip()
+    vr = dictionary_VR(keyword)
+    recorded = ds[keyword].VR
+    if recorded != vr:
+        # In explicit VR a damaged tag number keeps its old VR: a PN under Manufacturer's tag is a
+        # renamed name. (Implicit VR files take the dictionary VR, so this cannot be seen there.)
+        raise HeaderValueError(
+            f"{keyword} is recorded as {recorded}, not {vr}: the header is damaged"
+        )
+    limit = _MAX_CHARS.get(vr, 64)
+    if len(text) > limit or not text.isprintable():
+        raise HeaderValueError(f"{keyword} is not valid {vr} text: the header is damaged")
+    return text
 
 
 def resolve_spacing(ds: Dataset, default_mm: float, max_mm: float = 5.0) -> Spacing:
@@ -83,36 +244,422 @@ def resolve_spacing(ds: Dataset, default_mm: float, max_mm: float = 5.0) -> Spac
 
 def window_of(ds: Dataset) -> Window:
     """The first DICOM window (multi-valued tags are common; the first is the vendor's default)."""
-    return Window(_first(ds.get("WindowCenter")), _first(ds.get("WindowWidth")))
+    raw = ds.get("WindowCenter")
+    if raw is None or raw == "":
+        count = 0
+    elif isinstance(raw, pydicom.multival.MultiValue | list | tuple):
+        count = len(raw)
+    else:
+        count = 1
+    return Window(_first(raw), _first(ds.get("WindowWidth")), count)
+
+
+def _voi_source(window: Window, has_lut: bool) -> str:
+    parts = (["window"] if window.center is not None and window.width is not None else []) + (
+        ["voi_lut"] if has_lut else []
+    )
+    return "+".join(parts) or "none"
+
+
+def voi_source(ds: Dataset) -> str:
+    """Which VOI information a header carries: window | voi_lut | window+voi_lut | none."""
+    return _voi_source(window_of(ds), bool(ds.get("VOILUTSequence")))
+
+
+def voi_lut_of(ds: Dataset) -> VoiLut | None:
+    """The first VOI LUT, or None when there is none or it is malformed (the window is used instead)."""
+    sequence = ds.get("VOILUTSequence")
+    if not sequence:
+        return None
+    item = sequence[0]
+    try:
+        entries, first, bits = (int(v) for v in item.LUTDescriptor)
+        entries = entries or 65536  # PS3.3: 0 means 2**16 entries
+        data = item.LUTData
+        if isinstance(data, bytes):
+            little = ds.original_encoding[1] is not False
+            table = np.frombuffer(data, dtype="<u2" if little else ">u2")
+        else:
+            table = np.asarray(data if isinstance(data, list | tuple) else list(data))
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    if len(table) < entries or entries < 1:
+        return None
+    return VoiLut(first, table[:entries].astype(np.float32), bits)
+
+
+def modality_lut_of(ds: Dataset) -> tuple[str, float, float]:
+    """(source, slope, intercept). A lone slope or intercept is applied with the identity partner."""
+    if ds.get("ModalityLUTSequence"):
+        return "lut_sequence", 1.0, 0.0
+    slope, intercept = _first(ds.get("RescaleSlope")), _first(ds.get("RescaleIntercept"))
+    if slope is None and intercept is None:
+        return "none", 1.0, 0.0
+    source = "rescale" if slope is not None and intercept is not None else "rescale_partial"
+    return source, 1.0 if slope is None else slope, 0.0 if intercept is None else intercept
+
+
+def rescale_problem(ds: Dataset) -> str | None:
+    """A rescale that would flatten or poison every pixel (seen in real headers), or None."""
+    _, slope, intercept = modality_lut_of(ds)
+    if slope == 0.0 or not math.isfinite(slope) or not math.isfinite(intercept):
+        return f"RescaleSlope {slope} / RescaleIntercept {intercept} would destroy the image"
+    return None
+
+
+def missing_decoder(transfer_syntax: str, bits_stored: int = 0) -> str | None:
+    """Why pixels in `transfer_syntax` cannot be decoded with the installed plugins, or None if they can."""
+    uid = UID(transfer_syntax)
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        return (
+            f"pydicom has no decoder for {uid.name} ({uid}); convert the file to a supported syntax"
+        )
+    advice = _ADVICE.get(str(uid), "install a pydicom pixel data plugin for it")
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies)
+        return f"no decoder installed for {uid.name} ({uid}): {advice} (pydicom: {missing})"
+    if (
+        uid == JPEGExtended12Bit
+        and bits_stored > 8
+        and set(decoder.available_plugins) <= {"pillow"}
+    ):
+        return f"Pillow decodes only 8-bit {uid.name}, this file has {bits_stored} bits: {advice}"
+    return None
 
 
 def pixel_hash(raw: np.ndarray) -> str:
-    """Content hash of the stored pixel values, independent of the transfer syntax."""
+    """Content hash of the stored pixel values, independent of the transfer syntax (and its byte order)."""
+    native = np.ascontiguousarray(raw, dtype=raw.dtype.newbyteorder("="))
     digest = hashlib.sha256()
-    digest.update(f"{raw.dtype.str}{raw.shape}".encode())
-    digest.update(np.ascontiguousarray(raw).tobytes())
+    digest.update(f"{native.dtype.str}{native.shape}".encode())
+    digest.update(native.tobytes())
     return digest.hexdigest()
 
 
-def read_image(path: Path, default_spacing_mm: float) -> DicomImage:
-    """Decode a single-frame grayscale image and apply its Modality LUT."""
+def _starts_with_dataset(head: bytes) -> bool:
+    """A file without preamble normally starts with group 0002 (file meta) or 0008 (identification)."""
+    if len(head) < 8:
+        return False
+    return struct.unpack("<H", head[:2])[0] in (0x0002, 0x0008) or head[:2] == b"\x00\x08"
+
+
+def _open_dataset(fh: BinaryIO, name: str, **read_kwargs: object) -> tuple[Dataset, bool]:
+    """dcmread, falling back to force=True only for files that begin like a DICOM dataset."""
+    head = fh.read(132)
+    fh.seek(0)
     try:
-        ds = pydicom.dcmread(path)
-        raw = ds.pixel_array
-    except Exception as exc:
-        raise DataError(
-            f"{path.name}: pixel data cannot be decoded ({type(exc).__name__}: {exc})"
+        return pydicom.dcmread(fh, **read_kwargs), False  # type: ignore[arg-type]
+    except InvalidDicomError:
+        if not head[:128].strip(b"\x00"):
+            # Zeros are how a DICOM preamble starts; without the marker after them the file was cut
+            # short or damaged, so this is a broken DICOM file rather than some other format.
+            raise UnreadableDicom(
+                "corrupt",
+                f"{name}: {len(head)}+ bytes of preamble but no 'DICM' marker (truncated or damaged)",
+            ) from None
+        if not _starts_with_dataset(head):
+            kind = " (gzip-compressed: decompress it first)" if head[:2] == b"\x1f\x8b" else ""
+            raise UnreadableDicom(
+                "not_dicom",
+                f"{name}: not a DICOM file{kind}: no 'DICM' marker and no DICOM tag at the start",
+            ) from None
+    except (
+        Exception
+    ) as exc:  # pydicom raises many types for corrupt input; their text may quote values
+        raise UnreadableDicom(
+            "corrupt", f"{name}: not a readable DICOM file ({type(exc).__name__})"
         ) from None
-    photometric = str(ds.get("PhotometricInterpretation", ""))
-    if photometric not in GRAYSCALE or raw.ndim != 2:
-        raise DataError(
-            f"{path.name}: not a single-frame grayscale image ({photometric}, {raw.shape})"
+    fh.seek(0)
+    try:
+        return pydicom.dcmread(fh, force=True, **read_kwargs), True  # type: ignore[arg-type]
+    except Exception as exc:
+        raise UnreadableDicom(
+            "corrupt",
+            f"{name}: no preamble, and the dataset cannot be parsed ({type(exc).__name__})",
+        ) from None
+
+
+def _transfer_syntax(ds: Dataset) -> tuple[str, bool]:
+    """The declared transfer syntax, or the one pydicom read the dataset with (then `inferred` is True)."""
+    meta = getattr(ds, "file_meta", None)
+    declared = meta.get("TransferSyntaxUID") if meta is not None else None
+    if declared:
+        return str(declared), False
+    implicit, little = ds.original_encoding
+    if little is False:
+        return ("" if implicit else str(ExplicitVRBigEndian)), True
+    if implicit is None:
+        return "", True
+    return str(ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian), True
+
+
+def _native_length(ds: Dataset) -> int | None:
+    """Bytes the native pixel data must hold, or None when the description is incomplete."""
+    try:
+        rows, cols = int_tag(ds, "Rows"), int_tag(ds, "Columns")
+        bits = int_tag(ds, "BitsAllocated")
+        frames = int_tag(ds, "NumberOfFrames", 1) or 1
+        samples = int_tag(ds, "SamplesPerPixel", 1) or 1
+    except HeaderValueError:
+        return None
+    if not rows or not cols or not bits:
+        return None
+    total = rows * cols * frames * samples * bits
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        total = total * 2 // 3  # chroma is shared by pixel pairs: 4 values per 2 pixels, not 6
+    return (total + 7) // 8
+
+
+def _walk_fragments(fh: BinaryIO, start: int, size: int) -> str:
+    """Hop over the encapsulated items by their lengths (8 bytes read per item) to find truncation."""
+    pos = start
+    for _ in range(_MAX_FRAGMENTS):
+        fh.seek(pos)
+        item = fh.read(8)
+        if len(item) < 8:
+            return (
+                f"truncated: the encapsulated pixel data stops at byte {pos} without its end marker"
+            )
+        group, elem, length = struct.unpack("<HHI", item)
+        tag = group << 16 | elem
+        if tag == _SEQUENCE_END:
+            return ""
+        if tag != _ITEM:
+            return f"malformed encapsulated pixel data: tag ({group:04X},{elem:04X}) at byte {pos}"
+        pos += 8 + length
+        if pos > size:
+            return (
+                f"truncated: a pixel data fragment needs {pos - size} more bytes than the file has"
+            )
+    return ""
+
+
+def _last_element_misfit(ds: Dataset, size: int) -> str:
+    """pydicom stops quietly at end of file, even inside an element; a clean end is where the last value ends."""
+    if not len(ds):
+        return ""
+    last = ds.get_item(list(ds.keys())[-1])
+    if not isinstance(last, RawDataElement) or last.length == 0xFFFFFFFF:
+        return ""  # sequences are parsed eagerly and fail loudly on their own
+    end = last.value_tell + last.length
+    if end > size:
+        return (
+            f"truncated: the header's last element needs {end - size} more bytes than the file has"
         )
-    pixels = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
+    if end < size:
+        return f"truncated or damaged: {size - end} stray bytes after the header's last element"
+    return ""
+
+
+def _out_of_order(ds: Dataset) -> str:
+    """PS3.5 7.1: elements ascend by tag. A damaged tag number can rename an element (a patient's name
+    into a manufacturer, say); the renamed element then sits out of order, which is how it is caught."""
+    last = -1
+    for tag in sorted(ds.keys()):
+        element = ds.get_item(tag)
+        position = getattr(element, "value_tell", None) or getattr(element, "file_tell", None)
+        if position is None:
+            continue
+        if position <= last:
+            return f"elements out of ascending tag order at {tag}: the header is damaged"
+        last = position
+    return ""
+
+
+def _pixel_element(
+    fh: BinaryIO, ds: Dataset, stop: int, size: int, native: bool | None
+) -> PixelElement:
+    """Inspect the bytes where a stop_before_pixels read ended: the pixel data element header, or EOF."""
+    fh.seek(stop)
+    peek = fh.read(12)
+    implicit, little = ds.original_encoding
+    if len(peek) < 4:
+        problem = _last_element_misfit(ds, size) if not peek else "truncated inside a tag"
+        return PixelElement("", problem=problem)
+    group, elem = struct.unpack("<HH" if little is not False else ">HH", peek[:4])
+    keyword = PIXEL_KEYWORDS.get(group << 16 | elem)
+    if keyword is None:
+        return PixelElement(
+            "", problem=f"header parsing stopped at byte {stop} of {size}, before the end of file"
+        )
+    end = "<" if little is not False else ">"
+    vr = peek[4:6]
+    if implicit or not (vr.isalpha() and vr.isupper()):
+        # Real writers switch to implicit VR mid-file; pydicom follows them, so must this peek.
+        header_len, length_bytes = 8, peek[4:8]
+    elif peek[4:6] in _LONG_LENGTH_VRS:
+        header_len, length_bytes = 12, peek[8:12]
+    else:
+        header_len, length_bytes = 8, peek[6:8]
+    if len(peek) < header_len:
+        return PixelElement(keyword, problem="truncated inside the pixel data element header")
+    length = struct.unpack(f"{end}{'H' if len(length_bytes) == 2 else 'I'}", length_bytes)[0]
+    start = stop + header_len
+    if length == 0xFFFFFFFF:
+        if native is True:
+            return PixelElement(
+                keyword,
+                True,
+                "encapsulated pixel data under a native (uncompressed) transfer syntax",
+            )
+        return PixelElement(keyword, True, _walk_fragments(fh, start, size))
+    if start + length > size:
+        return PixelElement(
+            keyword,
+            problem=f"truncated: the file ends {start + length - size} bytes into the pixel data",
+        )
+    expected = _native_length(ds) if native else None
+    if expected is not None and length < expected:
+        return PixelElement(
+            keyword,
+            problem=f"pixel data holds {length} bytes; the image description needs {expected}",
+        )
+    return PixelElement(keyword)
+
+
+def _inspect(fh: BinaryIO, ds: Dataset, size: int, forced: bool, name: str) -> Header:
+    stop = fh.tell()
+    syntax, inferred = _transfer_syntax(ds)
+    uid = UID(syntax) if syntax else None
+    if uid is not None and not uid.is_valid:
+        raise UnreadableDicom("corrupt", f"{name}: the Transfer Syntax UID is not a valid UID")
+    if uid is not None and uid.is_transfer_syntax and uid.is_deflated:
+        # The deflated body is inflated in memory, so the file offset says nothing about the pixel
+        # data; this rare syntax gets a second, full read (a header-only read cannot see the pixels).
+        fh.seek(0)
+        try:
+            full = pydicom.dcmread(fh)
+        except Exception as exc:
+            raise UnreadableDicom(
+                "corrupt", f"{name}: deflated dataset is damaged ({type(exc).__name__})"
+            ) from None
+        pixel = PixelElement(next((kw for tag, kw in PIXEL_KEYWORDS.items() if tag in full), ""))
+        expected = _native_length(full)
+        if "PixelData" in full and expected is not None and len(full.PixelData) < expected:
+            pixel = PixelElement(
+                "PixelData",
+                problem=f"pixel data holds {len(full.PixelData)} bytes; the image description "
+                f"needs {expected} (truncated)",
+            )
+    else:
+        # None: a syntax pydicom does not know, so whether the pixels are compressed is unknown.
+        native = (
+            None
+            if uid is not None and not uid.is_transfer_syntax
+            else not uid or not uid.is_encapsulated
+        )
+        pixel = _pixel_element(fh, ds, stop, size, native)
+    disorder = _out_of_order(ds)
+    if disorder:
+        raise UnreadableDicom("corrupt", f"{name}: {disorder}")
+    if forced and not ("SOPClassUID" in ds or "Rows" in ds or pixel.keyword):
+        # force=True parses almost anything; trust it only when it found what DICOM objects carry.
+        raise UnreadableDicom(
+            "corrupt", f"{name}: no preamble, and no SOP class or image description was parsed"
+        )
+    return Header(ds, pixel, syntax, inferred, forced)
+
+
+def scan_header(path: Path) -> Header:
+    """Read a header once (stop_before_pixels) and inspect, without decoding, the pixel data that follows.
+
+    Raises UnreadableDicom (a DataError) naming the file when it is not DICOM or cannot be parsed.
+    """
+    try:
+        size = path.stat().st_size
+        fh = path.open("rb")
+    except OSError as exc:
+        raise UnreadableDicom(
+            "corrupt", f"{path.name}: cannot be opened ({type(exc).__name__})"
+        ) from None
+    with fh, values_unvalidated():
+        ds, forced = _open_dataset(fh, path.name, stop_before_pixels=True)
+        try:
+            return _inspect(fh, ds, size, forced, path.name)
+        except UnreadableDicom:
+            raise
+        except Exception as exc:
+            # pydicom converts values lazily, so a damaged element (an unknown VR, say) raises on
+            # first use, with any exception type. Only the type is reported: the text may quote values.
+            raise UnreadableDicom(
+                "corrupt", f"{path.name}: header cannot be interpreted ({type(exc).__name__})"
+            ) from None
+
+
+def read_header(path: Path) -> Dataset:
+    """Read a header without pixel data. Raises DataError naming the file if it is not DICOM."""
+    return scan_header(path).dataset
+
+
+def read_image(path: Path, default_spacing_mm: float) -> DicomImage:
+    """Decode a single-frame grayscale image and apply its Modality LUT; the VOI LUT is kept, not applied.
+
+    Raises only DataError (naming the file), so a batch can report a bad file and go on.
+    """
+    with values_unvalidated():
+        try:
+            with path.open("rb") as fh:
+                ds, _ = _open_dataset(fh, path.name)
+        except OSError as exc:
+            raise DataError(f"{path.name}: cannot be opened ({type(exc).__name__})") from None
+        try:
+            return _decode(ds, path.name, default_spacing_mm)
+        except DataError:
+            raise
+        except Exception as exc:  # a damaged element raises on first use, with any exception type
+            raise DataError(
+                f"{path.name}: header cannot be interpreted ({type(exc).__name__})"
+            ) from None
+
+
+def _decode(ds: Dataset, name: str, default_spacing_mm: float) -> DicomImage:
+    try:
+        photometric = text_tag(ds, "PhotometricInterpretation").upper()
+        samples = int_tag(ds, "SamplesPerPixel", 1)
+        frames = int_tag(ds, "NumberOfFrames", 1) or 1
+        bits_stored = int_tag(ds, "BitsStored", 0) or 0
+    except HeaderValueError as exc:
+        raise DataError(f"{name}: {exc}") from None
+    if photometric not in GRAYSCALE or samples != 1 or frames != 1:
+        raise DataError(
+            f"{name}: not a single-frame grayscale image ({photometric or '?'}, "
+            f"{samples} samples, {frames} frames)"
+        )
+    syntax, inferred = _transfer_syntax(ds)
+    if inferred and syntax:
+        # pydicom decodes only with a declared syntax; a file without one was read natively, so say so.
+        ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = UID(syntax)
+    try:
+        raw = ds.pixel_array
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        # Rust decoders (pylibjpeg-rle) panic on damaged streams with pyo3's PanicException, which
+        # derives from BaseException, so `except Exception` would let one bad file stop the batch.
+        gap = missing_decoder(syntax, bits_stored) if syntax else None
+        raise DataError(
+            f"{name}: pixel data cannot be decoded ({gap or f'{type(exc).__name__}: {exc}'})"
+        ) from None
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    if raw.ndim != 2 or raw.shape != (rows, cols):
+        raise DataError(f"{name}: decoded shape {raw.shape} is not Rows x Columns {rows}x{cols}")
+    problem = rescale_problem(ds)
+    if problem:
+        raise DataError(f"{name}: {problem}")
+    source, slope, intercept = modality_lut_of(ds)
+    if source == "lut_sequence":
+        modality = apply_modality_lut(raw, ds)
+    else:
+        modality = raw.astype(np.float64) * slope + intercept
     return DicomImage(
-        pixels=pixels,
+        pixels=np.asarray(modality, dtype=np.float32),
         photometric=photometric,
         window=window_of(ds),
         spacing=resolve_spacing(ds, default_spacing_mm),
         pixel_sha256=pixel_hash(raw),
+        voi_lut=voi_lut_of(ds),
+        modality_lut=source,
     )
