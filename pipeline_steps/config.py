@@ -81,9 +81,14 @@ class ValidateParams(_Section):
 
 
 class SplitParams(_Section):
+    """Patient-level split by salted hash (see preprocess.assign_split for why it is stateless)."""
+
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     salt: str = "radflow-split-v1"
+    # A split whose positive rate lies further than this many binomial standard errors from the
+    # overall rate is reported as imbalanced (a warning: changing the salt re-splits everyone).
+    balance_z: float = Field(3.0, gt=0.0)
 
     @model_validator(mode="after")
     def _sum(self) -> SplitParams:
@@ -99,23 +104,50 @@ class PreprocessParams(_Section):
     percentiles: tuple[float, float] = (0.5, 99.5)
     shard_size: int = Field(256, ge=1)
     workers: int = Field(0, ge=0, description="0 means one per CPU core")
+    # A distributed scheduler (tcp://host:8786). Empty: DASK_SCHEDULER_ADDRESS if set, else the
+    # local process pool. The output is byte-identical whichever runs it.
+    dask_address: str = ""
+    retries: int = Field(1, ge=0, le=5, description="re-runs of an image whose worker crashed")
     split: SplitParams = SplitParams()
+
+
+class DriftParams(_Section):
+    """Feature drift of new data against a reference feature table (pipeline_steps/drift.py)."""
+
+    # Reference features.parquet (e.g. the champion's training data), relative to the workspace.
+    # Empty: no comparison; the report says so.
+    reference: str = ""
+    bins: int = Field(10, ge=2, le=100, description="reference-quantile bins for PSI")
+    psi: float = Field(0.2, gt=0.0, description="PSI above this flags a feature")
+    ks: float = Field(0.15, gt=0.0, le=1.0, description="KS statistic above this flags a feature")
+    min_drifted_features: int = Field(1, ge=1, description="flagged features that mean drift")
 
 
 class ExtractFeaturesParams(_Section):
     histogram_quantiles: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
+    glcm_levels: int = Field(32, ge=2, le=256, description="grey levels of the co-occurrence")
+    glcm_distances: tuple[int, ...] = (1, 4)
+    drift: DriftParams = DriftParams()
+
+    @model_validator(mode="after")
+    def _values(self) -> ExtractFeaturesParams:
+        if not all(0.0 <= q <= 1.0 for q in self.histogram_quantiles):
+            raise ValueError("histogram_quantiles must lie in [0, 1]")
+        if not self.glcm_distances or not all(1 <= d <= 64 for d in self.glcm_distances):
+            raise ValueError("glcm_distances must be pixel offsets in 1..64")
+        return self
 
 
 class TrainParams(_Section):
     """Detector training (pipeline_steps/train.py); width/depth size the network."""
 
     seed: int = 7
-    epochs: int = Field(12, ge=1)
-    batch_size: int = Field(16, ge=1)
-    learning_rate: float = Field(2e-3, gt=0)
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(8, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
     width: int = Field(16, ge=4, description="stem channels; stages double it, capped at 8x")
     depth: int = Field(4, ge=2, le=6, description="stride-2 stages after the stem")
-    patience: int = Field(4, ge=1)
+    patience: int = Field(8, ge=1)
     monitor: Literal["val_ap", "val_loss"] = "val_ap"
     val_iou: float = Field(0.3, gt=0.0, le=1.0, description="IoU for a hit in val_ap")
     augment: bool = True
@@ -127,6 +159,9 @@ class TestParams(_Section):
     __test__ = False  # not a pytest test class
 
     score_threshold: float = Field(0.3, ge=0.0, le=1.0)
+    # Metrics decode down to this score so FROC and AP see the whole curve, not only the
+    # operating point; score_threshold stays the threshold predictions are served at.
+    metrics_score_floor: float = Field(0.01, ge=0.0, le=1.0)
     max_detections: int = Field(5, ge=1)
     nms_iou: float = Field(0.3, gt=0.0, le=1.0)
 

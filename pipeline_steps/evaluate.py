@@ -694,6 +694,7 @@ def run(layout: Layout, params: TestParams, input_size: int, n_boot: int = 200) 
             f"{layout.manifest}: the test split is empty; ingest more labelled studies."
         )
     model = keras.models.load_model(layout.model, compile=False)
+    curve_params = params.model_copy(update={"score_threshold": params.metrics_score_floor})
     labels = pd.read_parquet(layout.labels).dropna(subset=["x_min"])
     truth = {
         k: g[["x_min", "y_min", "x_max", "y_max"]].to_numpy(float)
@@ -707,7 +708,7 @@ def run(layout: Layout, params: TestParams, input_size: int, n_boot: int = 200) 
     order = split.manifest.to_dict("records")
 
     def flush(start: int) -> None:
-        for offset, boxes in enumerate(predict_boxes(model, np.stack(batch), params)):
+        for offset, boxes in enumerate(predict_boxes(model, np.stack(batch), curve_params)):
             record = order[start + offset]
             original = (
                 geometry_of(record, input_size).inverse(boxes[:, :4])

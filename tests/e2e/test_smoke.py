@@ -28,7 +28,10 @@ def _radflow(workspace: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env.pop("PREFECT_API_URL", None)
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", "--workspace", str(workspace), *args],
-        capture_output=True, text=True, env=env, timeout=900,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
 
 
@@ -78,13 +81,27 @@ def test_no_phi_leaves_ingestion(trained):
     ws, run = trained
     phi = {v for v in collect_phi(ws / "data" / "raw" / "images") if len(v) >= 6}
     assert phi, "the synthetic data must carry fake PHI for this test to mean anything"
-    places = [ws / "mlflow.db", ws / "mlartifacts", ws / "reports", ws / "metrics.json",
-              ws / "data" / "interim", ws / "data" / "processed", ws / "data" / "features"]
-    files = [p for place in places for p in ([place] if place.is_file() else place.rglob("*")) if p.is_file()]
+    places = [
+        ws / "mlflow.db",
+        ws / "mlartifacts",
+        ws / "reports",
+        ws / "metrics.json",
+        ws / "data" / "interim",
+        ws / "data" / "processed",
+        ws / "data" / "features",
+    ]
+    files = [
+        p
+        for place in places
+        for p in ([place] if place.is_file() else place.rglob("*"))
+        if p.is_file()
+    ]
     assert any(f.suffix == ".parquet" for f in files) and (ws / "mlflow.db").is_file()
     blobs = {str(f): f.read_bytes() for f in files}
     blobs["run log"] = (run.stdout + run.stderr).encode()
-    leaks = [(value, where) for value in phi for where, blob in blobs.items() if value.encode() in blob]
+    leaks = [
+        (value, where) for value in phi for where, blob in blobs.items() if value.encode() in blob
+    ]
     assert not leaks, leaks[:5]
 
 
@@ -92,16 +109,27 @@ def test_dvc_repro_runs_the_same_stages_without_prefect(trained):
     ws, _ = trained
     manifest_before = pd.read_parquet(ws / "data" / "processed" / "manifest.parquet")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=ws, capture_output=True, text=True, env=env)
-    assert "up to date" in status.stdout.lower(), status.stdout  # the Prefect run was recorded in dvc.lock
+    status = subprocess.run(
+        [sys.executable, "-m", "dvc", "status"], cwd=ws, capture_output=True, text=True, env=env
+    )
+    assert "up to date" in status.stdout.lower(), (
+        status.stdout
+    )  # the Prefect run was recorded in dvc.lock
     repro = subprocess.run(
-        [sys.executable, "-m", "dvc", "repro", "-f"], cwd=ws, capture_output=True, text=True, env=env, timeout=900
+        [sys.executable, "-m", "dvc", "repro", "-f"],
+        cwd=ws,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     assert repro.returncode == 0, (repro.stdout + repro.stderr)[-4000:]
     assert "prefect" not in repro.stdout.lower()
     for stage in ("validate", "preprocess", "extract_features", "train", "test", "register"):
         assert f"'{stage}'" in repro.stdout
-    pd.testing.assert_frame_equal(manifest_before, pd.read_parquet(ws / "data" / "processed" / "manifest.parquet"))
+    pd.testing.assert_frame_equal(
+        manifest_before, pd.read_parquet(ws / "data" / "processed" / "manifest.parquet")
+    )
     registration = json.loads((ws / "reports" / "registration.json").read_text())
     assert registration["model_version"] == "2"
     md5 = yaml.safe_load((ws / "data" / "raw.dvc").read_text())["outs"][0]["md5"]

@@ -1,0 +1,213 @@
+"""Behaviour of the training loop and of a briefly trained detector, on synthetic bright discs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline_steps.config import TestParams, TrainParams
+from pipeline_steps.errors import DataError
+from pipeline_steps.model import predict_boxes
+from pipeline_steps.train import TrainResult, train_detector
+
+pytestmark = pytest.mark.slow
+
+S = 64
+THRESHOLD = TestParams(score_threshold=0.3)
+
+
+def _background(rng: np.random.Generator) -> np.ndarray:
+    yy, xx = np.mgrid[:S, :S] / S
+    tilt = rng.uniform(-0.1, 0.1, 2)
+    image = 0.3 + tilt[0] * xx + tilt[1] * yy + 0.04 * rng.standard_normal((S, S))
+    return image.astype(np.float32)
+
+
+def _add_disc(image: np.ndarray, cx: float, cy: float, r: float, contrast: float) -> np.ndarray:
+    yy, xx = np.mgrid[:S, :S] + 0.5
+    disc = ((xx - cx) ** 2 + (yy - cy) ** 2) <= r * r
+    return np.clip(image + contrast * disc, 0, 1).astype(np.float32)
+
+
+def make_discs(n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Half the images hold one bright disc (radius 3-7 px), half are background only."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for i in range(n):
+        image = _background(rng)
+        boxes = np.zeros((0, 4), np.float32)
+        if i % 2 == 0:
+            r = rng.uniform(3, 7)
+            cx, cy = rng.uniform(r + 2, S - r - 2, 2)
+            image = _add_disc(image, cx, cy, r, rng.uniform(0.3, 0.6))
+            boxes = np.array([[cx - r, cy - r, cx + r, cy + r]], np.float32)
+        examples.append((image, boxes))
+    return examples
+
+
+def _train(
+    checkpoint_dir: Path,
+    params: TrainParams,
+    n_train: int = 16,
+    on_epoch_end: object = None,
+) -> TrainResult:
+    train, val = make_discs(n_train, seed=1), make_discs(8, seed=2)
+
+    def source(examples: list[tuple[np.ndarray, np.ndarray]]) -> Iterator:
+        return iter(examples)
+
+    return train_detector(
+        lambda: source(train),
+        len(train),
+        lambda: source(val),
+        len(val),
+        params,
+        THRESHOLD,
+        S,
+        checkpoint_dir,
+        on_epoch_end=on_epoch_end,  # type: ignore[arg-type]
+    )
+
+
+# -- the training loop ------------------------------------------------------------------------
+
+TINY = TrainParams(width=4, depth=2, epochs=3, batch_size=8, patience=5)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_training_checkpoints_and_resumes_after_interruption(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    seen: list[int] = []
+
+    def stop_after_two(epoch: int, logs: dict[str, float]) -> None:
+        seen.append(epoch)
+        assert {"loss", "val_loss", "val_ap"} <= logs.keys()
+        if epoch == 1:
+            raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        _train(ckpt, TINY, on_epoch_end=stop_after_two)
+    assert seen == [0, 1]  # 0-based, as in Keras
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["epochs_completed"] == 2 and len(state["history"]["loss"]) == 2
+    assert (ckpt / state["model_file"]).is_file()
+    first_losses = state["history"]["loss"]
+
+    seen.clear()
+    resumed = _train(ckpt, TINY, on_epoch_end=lambda epoch, logs: seen.append(epoch))
+    assert resumed.resumed_from_epoch == 2
+    assert resumed.epochs_run == 1 and seen == [2]
+    assert resumed.history["loss"][:2] == first_losses and len(resumed.history["loss"]) == 3
+    # Optimizer state came back too: its step count covers all three epochs (2 steps each).
+    assert int(resumed.model.optimizer.iterations) == 6
+
+    # A finished run is not trained again; it returns the best epoch's weights.
+    again = _train(ckpt, TINY, on_epoch_end=lambda epoch, logs: seen.append(epoch))
+    assert again.epochs_run == 0 and again.resumed_from_epoch == 3 and seen == [2]
+    for a, b in zip(again.model.get_weights(), resumed.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    # The resumed run reproduces an uninterrupted one (seeded data order and augmentation).
+    straight = _train(tmp_path / "straight", TINY)
+    np.testing.assert_allclose(straight.history["loss"], resumed.history["loss"], rtol=1e-4)
+    np.testing.assert_allclose(straight.history["val_loss"], resumed.history["val_loss"], rtol=1e-4)
+
+
+def test_changed_params_start_over(tmp_path: Path) -> None:
+    one_epoch = TINY.model_copy(update={"epochs": 1})
+    _train(tmp_path, one_epoch)
+    other = _train(tmp_path, one_epoch.model_copy(update={"learning_rate": 1e-3}))
+    assert other.resumed_from_epoch == 0 and other.epochs_run == 1
+    assert sorted(p.name for p in tmp_path.glob("*.keras")) == ["epoch-001.keras"]
+
+
+def test_early_stopping_restores_the_best_epoch(tmp_path: Path) -> None:
+    # A learning rate this high wrecks the model after the first epochs; patience 1 stops it.
+    params = TINY.model_copy(
+        update={"epochs": 6, "patience": 1, "learning_rate": 5.0, "monitor": "val_loss"}
+    )
+    result = _train(tmp_path, params)
+    val_loss = result.history["val_loss"]
+    assert result.stopped_early and result.epochs_run < 6
+    assert result.best_epoch == int(np.argmin(val_loss))
+    assert len(val_loss) == result.best_epoch + 2  # stopped one epoch after the best
+
+
+@pytest.mark.parametrize(
+    ("examples", "message"),
+    [
+        ([], "empty"),
+        ([(np.zeros((S + 1, S), np.float32), np.zeros((0, 4), np.float32))], "image shape"),
+        ([(np.zeros((S, S), np.float32), np.zeros((2, 3), np.float32))], "boxes of shape"),
+    ],
+)
+def test_broken_input_contract_fails_with_a_data_error(
+    tmp_path: Path, examples: list[tuple[np.ndarray, np.ndarray]], message: str
+) -> None:
+    with pytest.raises(DataError, match=message):
+        train_detector(lambda: iter(examples), 4, lambda: iter([]), 0, TINY, THRESHOLD, S, tmp_path)
+    assert not list(tmp_path.glob("*.keras"))
+
+
+# -- a briefly trained detector ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    params = TrainParams(
+        width=8, depth=3, epochs=16, batch_size=16, learning_rate=6e-3, patience=16
+    )
+    result = _train(tmp_path_factory.mktemp("detector"), params, n_train=256)
+    # The behaviour tests below mean little unless the detector actually learned discs.
+    assert result.history["val_ap"][result.best_epoch] > 0.8, result.history
+    return result
+
+
+def test_flipped_image_gives_flipped_boxes(detector: TrainResult) -> None:
+    # Centres on and off stride-4 cell borders; the top box is compared, whatever its score.
+    top = TestParams(score_threshold=0.05, max_detections=1)
+    rng = np.random.default_rng(11)
+    images, truths = [], []
+    for cx, cy, r in [(16.0, 20.0, 5.0), (22.0, 44.0, 6.5), (45.0, 30.0, 4.0), (33.5, 9.0, 6.0)]:
+        images.append(_add_disc(_background(rng), cx, cy, r, 0.45))
+        truths.append([cx - r, cy - r, cx + r, cy + r])
+    images_np = np.stack(images)
+    plain = predict_boxes(detector.model, images_np, top)
+    mirrored = predict_boxes(detector.model, images_np[:, :, ::-1].copy(), top)
+    for truth, dets, flipped in zip(truths, plain, mirrored, strict=True):
+        assert len(dets) == 1 and len(flipped) == 1
+        np.testing.assert_allclose(dets[0, :4], truth, atol=3.0)
+        x0, y0, x1, y1 = flipped[0, :4]
+        np.testing.assert_allclose([S - x1, y0, S - x0, y1], dets[0, :4], atol=2.5)
+        assert abs(flipped[0, 4] - dets[0, 4]) < 0.25
+
+
+def test_blank_images_give_no_boxes(detector: TrainResult) -> None:
+    rng = np.random.default_rng(12)
+    blanks = np.stack(
+        [_background(rng) for _ in range(6)]
+        + [np.zeros((S, S), np.float32), np.full((S, S), 0.3, np.float32)]
+    )
+    assert all(len(d) == 0 for d in predict_boxes(detector.model, blanks, THRESHOLD))
+
+
+def test_brighter_bigger_disc_scores_higher(detector: TrainResult) -> None:
+    background = _background(np.random.default_rng(13))
+    strong = _add_disc(background, 32.0, 32.0, 6.0, 0.55)
+    faint = _add_disc(background, 32.0, 32.0, 3.0, 0.12)
+    anything = TestParams(score_threshold=0.01)
+    scores = []
+    for dets in predict_boxes(detector.model, np.stack([strong, faint]), anything):
+        near = dets[
+            np.hypot((dets[:, 0] + dets[:, 2]) / 2 - 32, (dets[:, 1] + dets[:, 3]) / 2 - 32) < 6
+        ]
+        scores.append(float(near[:, 4].max()) if len(near) else 0.0)
+    assert scores[0] > THRESHOLD.score_threshold
+    assert scores[0] > scores[1] + 0.2
