@@ -23,13 +23,8 @@ def open_workspace(root: Path) -> tuple[Layout, Params]:
 def train(layout: Layout, params: Params) -> dict[str, object]:
     from pipeline_steps import train as train_step
 
-    def on_epoch_end(epoch: int, logs: dict[str, float]) -> None:
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items()))
-        log.info("train: epoch %d/%d %s", epoch + 1, params.train.epochs, shown)
-
-    result = train_step.run(
-        layout, params.train, params.test, params.preprocess.input_size, on_epoch_end
-    )
+    # The training core logs each epoch itself; no second callback is needed here.
+    result = train_step.run(layout, params.train, params.test, params.preprocess.input_size)
     return {"epochs_run": result.epochs_run, "resumed_from_epoch": result.resumed_from_epoch}
 
 

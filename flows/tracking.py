@@ -33,7 +33,8 @@ def _experiment_id(client: object, name: str, layout: Layout) -> str:
     if found is not None:
         return str(found.experiment_id)
     location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    # Compare URIs rather than test the variable: mlflow.set_tracking_uri() exports it itself.
+    if tracking_uri(layout) == f"sqlite:///{layout.mlflow_db}":
         # The embedded store keeps artifacts inside the workspace, next to mlflow.db.
         layout.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
         location = layout.mlflow_artifacts.as_uri()

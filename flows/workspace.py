@@ -12,7 +12,16 @@ from pipeline_steps.errors import WorkspaceError
 from pipeline_steps.layout import Layout
 
 TEMPLATE_FILES = ("params.yaml", "dvc.yaml")
-WORKSPACE_GITIGNORE = ["mlflow.db", "mlartifacts/", "mlruns/", ".radflow/", "__pycache__/"]
+WORKSPACE_GITIGNORE = [
+    "mlflow.db",
+    "mlartifacts/",
+    "mlruns/",
+    ".radflow/",
+    "__pycache__/",
+    # cached DVC outs that `dvc commit` (after a Prefect run) does not add to .gitignore itself
+    "/models/detector.keras",
+    "/reports/test_predictions.parquet",
+]
 
 
 def source_root() -> Path:
