@@ -37,15 +37,23 @@ def _bar(desc: str) -> Iterator[Callable[[int, int], None]]:
             bar.close()
 
 
+def _own_info_only(record: logging.LogRecord) -> bool:
+    """Below WARNING, show only radflow's and Prefect's own messages (not every HTTP request)."""
+    return record.levelno >= logging.WARNING or record.name.startswith(
+        ("radflow", "pipeline_steps", "flows", "prefect")
+    )
+
+
 def _setup_environment() -> None:
     """Quiet noisy libraries and route radflow's loggers through Prefect; done at start-up, not import."""
     # TensorFlow's C++ start-up chatter (oneDNN, CPU features) is noise to a user; Python errors still raise.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_steps,radflow")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_own_info_only)
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
 def cmd_init(args: argparse.Namespace) -> int:
