@@ -71,6 +71,28 @@ class IngestParams(_Section):
     min_size_px: int = Field(256, ge=16)
     # Used, and flagged, when neither PixelSpacing nor ImagerPixelSpacing is usable.
     default_spacing_mm: float = Field(0.35, gt=0.0, le=5.0)
+    # VinDr-CXR: readers' boxes of one finding overlapping above this IoU are fused (WBF) into one.
+    wbf_iou: float = Field(0.55, gt=0.0, lt=1.0)
+
+
+# RSNA's one class, then VinDr-CXR's 14 local findings as the importer names them (snake_case).
+DEFAULT_LABELS = (
+    "opacity",
+    "aortic_enlargement",
+    "atelectasis",
+    "calcification",
+    "cardiomegaly",
+    "consolidation",
+    "ild",
+    "infiltration",
+    "lung_opacity",
+    "nodule_mass",
+    "other_lesion",
+    "pleural_effusion",
+    "pleural_thickening",
+    "pneumothorax",
+    "pulmonary_fibrosis",
+)
 
 
 class ValidateParams(_Section):
@@ -78,6 +100,21 @@ class ValidateParams(_Section):
     positive_fraction: tuple[float, float] = (0.05, 0.95)
     pixel_spacing_mm: tuple[float, float] = (0.05, 1.0)
     size_px: tuple[int, int] = (256, 8192)
+    # Finding classes a label may carry (`no_finding` is always allowed).
+    allowed_labels: tuple[str, ...] = DEFAULT_LABELS
+    # Physical box area: below ~2x2 mm no reader draws a finding; above ~40x40 cm is the whole film.
+    box_area_mm2: tuple[float, float] = (4.0, 160000.0)
+    # Training needs labels. False: a dataset without any labels passes (a warning), e.g. for
+    # prediction, drift and feature statistics.
+    require_labels: bool = True
+
+    @model_validator(mode="after")
+    def _ranges(self) -> ValidateParams:
+        for name in ("positive_fraction", "pixel_spacing_mm", "size_px", "box_area_mm2"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"{name} must be an increasing pair of non-negative numbers")
+        return self
 
 
 class SplitParams(_Section):
@@ -105,7 +142,9 @@ class PreprocessParams(_Section):
     shard_size: int = Field(256, ge=1)
     workers: int = Field(0, ge=0, description="0 means one per CPU core")
     # A distributed scheduler (tcp://host:8786). Empty: DASK_SCHEDULER_ADDRESS if set, else the
-    # local process pool. The output is byte-identical whichever runs it.
+    # local process pool. The output is byte-identical whichever runs it. Dask workers must see
+    # the workspace's data/raw at the same path (a shared filesystem); results come back to the
+    # caller, which alone writes the cache and the shards.
     dask_address: str = ""
     retries: int = Field(1, ge=0, le=5, description="re-runs of an image whose worker crashed")
     split: SplitParams = SplitParams()
@@ -166,9 +205,27 @@ class TestParams(_Section):
     nms_iou: float = Field(0.3, gt=0.0, le=1.0)
 
 
+GateMetric = Literal["ap50", "cpm", "sens_at_1fp", "auroc"]
+ThresholdMetric = Literal["ap50", "ap75", "map", "rsna", "cpm", "sens_at_1fp", "auroc"]
+
+
+class GateParams(_Section):
+    """Champion/challenger gate (pipeline_steps/governance/stages.py): candidate vs production."""
+
+    metric: GateMetric = "ap50"
+    # Absolute floors the candidate must reach on the test split, whatever production does.
+    thresholds: dict[ThresholdMetric, float] = {"ap50": 0.5, "sens_at_1fp": 0.6}
+    min_delta: float = Field(0.0, ge=-1.0, le=1.0, description="candidate - production, at least")
+    n_boot: int = Field(500, ge=20, description="patient-level paired bootstrap replicates")
+    ci_level: float = Field(0.95, gt=0.5, lt=1.0)
+    seed: int = 0
+    auto_promote: bool = Field(False, description="a passing candidate goes on to production")
+
+
 class RegisterParams(_Section):
     model_name: str = "radflow-detector"
     experiment: str = "radflow"
+    gate: GateParams = GateParams()
 
 
 class Params(_Section):
