@@ -87,23 +87,48 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _ingest(
-    layout: object, dicom_dir: Path, labels: Path | None, replace: bool
+    layout: object,
+    dicom_dir: Path,
+    labels: Path | None,
+    replace: bool,
+    label_format: str = "auto",
 ) -> dict[str, object]:
-    from flows import versioning
+    """Archive, scan and label one folder, then record the data version; the summary as a dict."""
+    from flows import versioning, workspace
     from pipeline_steps.ingest import ingest_directory
     from pipeline_steps.layout import Layout
 
     assert isinstance(layout, Layout)
+    params = workspace.load(layout)
     with _bar("ingest") as bar:
-        summary = ingest_directory(dicom_dir, labels, layout.raw, replace=replace, progress=bar)
+        summary = ingest_directory(
+            dicom_dir,
+            labels,
+            layout.raw,
+            replace=replace,
+            progress=bar,
+            params=params.ingest,
+            label_format=label_format,
+        )
     version = versioning.record_raw(layout)
     return {
         "seen": summary.seen,
+        "accepted": summary.accepted,
+        "quarantined": summary.quarantined,
+        "labels": summary.labels_imported,
+        "data_version": version,
         "added": summary.added,
         "skipped_existing": summary.skipped_existing,
-        "labels": summary.label_rows,
+        "label_format": summary.label_format,
+        "label_rows": summary.label_rows,
+        "reader_rows": summary.reader_rows,
+        "label_issues": summary.label_issues,
         "labels_without_image": summary.labels_without_image,
-        "data_version": version,
+        "labels_for_quarantined": summary.labels_for_quarantined,
+        "unlabelled": len(summary.unlabelled),
+        "issues_file": (
+            str(summary.issues_file.relative_to(layout.root)) if summary.issues_file else None
+        ),
     }
 
 
@@ -112,16 +137,47 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     layout = workspace.resolve(_ws(args))
     result = _ingest(
-        layout, Path(args.dicom_dir), Path(args.labels) if args.labels else None, args.replace
+        layout,
+        Path(args.dicom_dir),
+        Path(args.labels) if args.labels else None,
+        args.replace,
+        label_format=args.label_format,
     )
     if args.json:
         print(json.dumps(result))
-    else:
-        print(
-            f"seen {result['seen']}, added {result['added']}, already present {result['skipped_existing']}, "
-            f"label rows {result['labels']} ({result['labels_without_image']} without an image)\n"
-            f"data version: {result['data_version']}"
+        return 0
+    quarantined = result["quarantined"]
+    assert isinstance(quarantined, dict)
+    reasons = ", ".join(f"{reason} {count}" for reason, count in quarantined.items())
+    lines = [
+        f"seen {result['seen']} files: {result['accepted']} accepted, "
+        f"{sum(quarantined.values())} quarantined" + (f" ({reasons})" if reasons else ""),
+        f"  archived {result['added']} new, {result['skipped_existing']} already present "
+        "(rejected files are kept, unmodified)",
+    ]
+    if result["label_format"]:
+        issues = result["label_issues"]
+        assert isinstance(issues, dict)
+        fused = (
+            f" (fused from {result['reader_rows']} reader rows)" if result["reader_rows"] else ""
         )
+        lines.append(
+            f"labels ({result['label_format']}): {result['labels']} rows imported{fused}, "
+            f"{result['label_rows']} in the dataset"
+        )
+        if issues:
+            detail = ", ".join(f"{kind} {count}" for kind, count in issues.items())
+            lines.append(f"  not imported: {detail}; see {result['issues_file']}")
+        if result["labels_for_quarantined"]:
+            lines.append(
+                f"  {result['labels_for_quarantined']} imported rows belong to quarantined images"
+            )
+    else:
+        lines.append("labels: none given")
+    if result["unlabelled"]:
+        lines.append(f"  {result['unlabelled']} accepted images have no label row (unlabelled)")
+    lines.append(f"data version: {result['data_version']}")
+    print("\n".join(lines))
     return 0
 
 
@@ -227,7 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
         "ingest", help="add DICOMs (and labels) to data/raw and record a data version"
     )
     p.add_argument("--dicom-dir", required=True)
-    p.add_argument("--labels", help="RSNA (patientId,x,y,width,height,Target) or canonical CSV")
+    p.add_argument(
+        "--labels",
+        help="optional label CSV: RSNA (patientId,x,y,width,height,Target), VinDr-CXR "
+        "(image_id,class_name,class_id,rad_id,x_min,y_min,x_max,y_max) or canonical "
+        "(image_id,label,x_min,y_min,x_max,y_max), keyed by DICOM file name without extension",
+    )
+    p.add_argument(
+        "--label-format",
+        choices=["auto", "rsna", "vindr", "canonical"],
+        default="auto",
+        help="format of --labels (default: detected from the header)",
+    )
     p.add_argument(
         "--replace", action="store_true", help="start the dataset over instead of appending"
     )

@@ -9,7 +9,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows import stages
+from flows import stages, versioning
 from pipeline_steps import features, preprocess, validate
 
 
@@ -42,7 +42,9 @@ register_task = task(
 @flow(name="training_pipeline", log_prints=True)
 def training_pipeline(workspace: str) -> dict[str, Any]:
     layout, params = stages.open_workspace(Path(workspace))
-    validate_task(layout, params.ingest, params.validate_)
+    validate_task(
+        layout, params.ingest, params.validate_, data_version=versioning.data_version(layout)
+    )
     preprocess_task(layout, params.preprocess, progress=_progress("preprocess"))
     extract_features_task(layout, params.extract_features, progress=_progress("extract_features"))
     train_task(layout, params)

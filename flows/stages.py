@@ -51,7 +51,9 @@ def run_stage(
     from pipeline_steps import features, preprocess, validate
 
     if name == "validate":
-        return validate.run(layout, params.ingest, params.validate_)
+        return validate.run(
+            layout, params.ingest, params.validate_, data_version=versioning.data_version(layout)
+        )
     if name == "preprocess":
         return preprocess.run(layout, params.preprocess, progress)
     if name == "extract_features":

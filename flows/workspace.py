@@ -21,6 +21,8 @@ WORKSPACE_GITIGNORE = [
     # cached DVC outs that `dvc commit` (after a Prefect run) does not add to .gitignore itself
     "/models/detector.keras",
     "/reports/test_predictions.parquet",
+    # Great Expectations Data Docs: rebuilt on every validation, browsed locally
+    "/reports/data_docs/",
 ]
 
 

@@ -7,27 +7,64 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
+from pipeline_steps.config import IngestParams
+from pipeline_steps.deid import DEV_PSEUDONYM_KEY
 from pipeline_steps.errors import DataError
+from pipeline_steps.labels import (
+    ALREADY_LABELLED,
+    BOX_COLUMNS,
+    ISSUE_COLUMNS,
+    LABEL_COLUMNS,
+    NO_FINDING,
+    ORPHAN,
+    READER_COLUMNS,
+    RSNA_COLUMNS,
+    RSNA_LABEL,
+    LabelImport,
+    import_labels,
+    resolve_format,
+)
+from pipeline_steps.validate import build_metadata
 
-LABEL_COLUMNS = ["image_id", "label", "x_min", "y_min", "x_max", "y_max"]
-NO_FINDING = "no_finding"
-RSNA_COLUMNS = ["patientId", "x", "y", "width", "height", "Target"]
-RSNA_LABEL = "opacity"
+__all__ = [  # the label vocabulary is re-exported: other stages import it from here
+    "LABEL_COLUMNS",
+    "NO_FINDING",
+    "RSNA_COLUMNS",
+    "RSNA_LABEL",
+    "IngestSummary",
+    "file_sha256",
+    "image_id_for",
+    "ingest_directory",
+]
+
+READERS_FILE = "labels_readers.csv"
+ISSUES_FILE = "label_issues.csv"
 
 
 @dataclass(frozen=True)
 class IngestSummary:
-    seen: int
-    added: int
-    skipped_existing: int
-    label_rows: int
-    labels_without_image: int
+    seen: int  # files in the folder
+    added: int  # new to the archive
+    skipped_existing: int  # already archived (same content)
+    accepted: int  # files whose header passes the scan (validate.build_metadata)
+    quarantined: dict[str, int]  # reason code -> files; accepted + quarantined = seen
+    label_format: str = ""  # rsna | vindr | canonical; empty without a label file
+    labels_imported: int = 0  # canonical rows this ingest added to labels.csv
+    label_rows: int = 0  # rows in labels.csv afterwards
+    reader_rows: int = 0  # per-reader rows this ingest added (VinDr)
+    label_issues: dict[str, int] = field(default_factory=dict)  # kind -> label rows not imported
+    labels_for_quarantined: int = 0  # imported rows whose image was quarantined
+    unlabelled: tuple[str, ...] = ()  # accepted images of this ingest without any label row
+    issues_file: Path | None = None  # where label_issues are listed, when there are any
+
+    @property
+    def labels_without_image(self) -> int:
+        return self.label_issues.get(ORPHAN, 0)
 
 
 def file_sha256(path: Path) -> str:
@@ -43,44 +80,6 @@ def image_id_for(sha256: str) -> str:
     return sha256[:24]
 
 
-def rsna_to_canonical(rsna: pd.DataFrame, stem_to_id: dict[str, str]) -> tuple[pd.DataFrame, int]:
-    """RSNA Pneumonia rows (x, y, width, height, Target) to canonical boxes; returns (table, rows without image)."""
-    missing = [c for c in RSNA_COLUMNS if c not in rsna.columns]
-    if missing:
-        raise DataError(f"RSNA labels: missing column(s) {missing}; expected {RSNA_COLUMNS}")
-    known = rsna["patientId"].astype(str).isin(stem_to_id)
-    rows = rsna[known]
-    positive = rows["Target"].astype(int) == 1
-    x = rows["x"].astype(float)
-    y = rows["y"].astype(float)
-    out = pd.DataFrame(
-        {
-            "image_id": rows["patientId"].astype(str).map(stem_to_id),
-            "label": np.where(positive, RSNA_LABEL, NO_FINDING),
-            "x_min": x.where(positive),
-            "y_min": y.where(positive),
-            "x_max": (x + rows["width"].astype(float)).where(positive),
-            "y_max": (y + rows["height"].astype(float)).where(positive),
-        }
-    )
-    return out.reset_index(drop=True), int((~known).sum())
-
-
-def canonical_from_csv(table: pd.DataFrame, stem_to_id: dict[str, str]) -> tuple[pd.DataFrame, int]:
-    """A label table in RSNA or canonical format, keyed by source file stem, to canonical rows."""
-    if set(RSNA_COLUMNS) <= set(table.columns):
-        return rsna_to_canonical(table, stem_to_id)
-    if set(LABEL_COLUMNS) <= set(table.columns):
-        known = table["image_id"].astype(str).isin(stem_to_id)
-        rows = table[known].copy()
-        rows["image_id"] = rows["image_id"].astype(str).map(stem_to_id)
-        return rows[LABEL_COLUMNS].reset_index(drop=True), int((~known).sum())
-    raise DataError(
-        f"labels: unrecognised columns {list(table.columns)}; expected RSNA {RSNA_COLUMNS} "
-        f"or canonical {LABEL_COLUMNS}"
-    )
-
-
 def _copy_atomic(src: Path, dst: Path) -> None:
     """Copy through a temporary file in the target folder, so a failure never leaves a half-written file."""
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".incoming-")
@@ -93,30 +92,107 @@ def _copy_atomic(src: Path, dst: Path) -> None:
         raise
 
 
+def _write_csv_atomic(table: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    table.to_csv(tmp, index=False, float_format="%.2f")
+    os.replace(tmp, path)
+
+
+def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
+    return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=columns)
+
+
+def _rounded_rows(table: pd.DataFrame) -> dict[str, list[tuple[object, ...]]]:
+    """Each image's rows as sorted tuples, at the precision labels.csv stores."""
+    out: dict[str, list[tuple[object, ...]]] = {}
+    for image_id, group in table.groupby("image_id"):
+        rows = [
+            (str(label), *(None if pd.isna(c) else round(float(c), 2) for c in coords))
+            for label, *coords in group[LABEL_COLUMNS[1:]].itertuples(index=False)
+        ]
+        out[str(image_id)] = sorted(rows, key=repr)
+    return out
+
+
+def merge_labels(
+    existing: pd.DataFrame, new: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(merged table, the new rows taken, issues): images already labelled keep their labels.
+
+    Appending must not rewrite history; new rows that disagree with an image's existing labels are
+    reported (`already_labelled`), identical ones (a repeated ingest) are not.
+    """
+    known = set(existing["image_id"].astype(str))
+    clash = new["image_id"].isin(known)
+    before = _rounded_rows(existing[existing["image_id"].isin(set(new["image_id"]))])
+    after = _rounded_rows(new[clash])
+    differing = [i for i, rows in after.items() if before.get(i) != rows]
+    issues = pd.DataFrame(
+        {
+            "source_row": pd.Series([pd.NA] * len(differing), dtype="Int64"),
+            "kind": ALREADY_LABELLED,
+            "image_id": differing,
+            "label": "",
+            "message": "the image has different labels from an earlier ingest; those were kept",
+        }
+    )
+    fresh = new[~clash]
+    merged = pd.concat([existing, fresh], ignore_index=True) if len(existing) else fresh
+    merged = merged.astype({c: float for c in BOX_COLUMNS})
+    merged = merged.sort_values(["image_id", "label", *BOX_COLUMNS], na_position="first")
+    return merged.reset_index(drop=True), fresh, issues
+
+
+def _read_labels_file(labels_file: Path) -> pd.DataFrame:
+    if not labels_file.is_file():
+        raise DataError(f"{labels_file}: labels file not found")
+    try:
+        # Everything as text: keys like 0012 must not become numbers; importers parse coordinates.
+        return pd.read_csv(labels_file, dtype=str, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(
+            f"{labels_file}: not a readable CSV ({type(exc).__name__}); check the file"
+        ) from None
+
+
 def ingest_directory(
     dicom_dir: Path,
     labels_file: Path | None,
     raw_dir: Path,
     replace: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    params: IngestParams | None = None,
+    label_format: str = "auto",
 ) -> IngestSummary:
-    """Copy new DICOM files into `raw_dir/images/<content id>.dcm` and merge their labels into `labels.csv`."""
+    """Copy every file into `raw_dir/images/<content id>.dcm`, scan the headers, and merge the labels.
+
+    Every file is archived, whatever the scan says: rejected files are kept, never modified, and
+    counted by reason. Labels are converted to the canonical table (`labels.csv`; VinDr-CXR's
+    per-reader rows go to `labels_readers.csv`), and label rows that could not be used are appended
+    to `label_issues.csv`.
+    """
+    params = params or IngestParams()
     if not dicom_dir.is_dir():
         raise DataError(f"{dicom_dir}: not a directory of DICOM files")
     sources = sorted(p for p in dicom_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not sources:
         raise DataError(f"{dicom_dir}: no files found")
+    table = _read_labels_file(labels_file) if labels_file is not None else None
+    if table is not None:  # a wrong label file fails before anything is copied
+        label_format = resolve_format(list(table.columns), label_format)
     images_dir = raw_dir / "images"
-    labels_path = raw_dir / "labels.csv"
     if replace and raw_dir.exists():
         shutil.rmtree(raw_dir)
     images_dir.mkdir(parents=True, exist_ok=True)
 
-    stem_to_id: dict[str, str] = {}
+    stem_ids: dict[str, set[str]] = {}
+    batch: list[str] = []
     added = skipped = 0
     for done, src in enumerate(sources, 1):
         image_id = image_id_for(file_sha256(src))
-        stem_to_id[src.stem] = image_id
+        stem_ids.setdefault(src.stem, set()).add(image_id)
+        batch.append(image_id)
         dst = images_dir / f"{image_id}.dcm"
         if dst.exists():
             skipped += 1
@@ -126,20 +202,71 @@ def ingest_directory(
         if progress:
             progress(done, len(sources))
 
-    new_rows = pd.DataFrame(columns=LABEL_COLUMNS)
-    orphan = 0
-    if labels_file is not None:
-        if not labels_file.is_file():
-            raise DataError(f"{labels_file}: labels file not found")
-        new_rows, orphan = canonical_from_csv(pd.read_csv(labels_file), stem_to_id)
-    existing = (
-        pd.read_csv(labels_path) if labels_path.exists() else pd.DataFrame(columns=LABEL_COLUMNS)
+    # Only the verdicts are used here; the pseudonyms computed on the way are discarded, so the
+    # development key is fine (validate pseudonymizes with the real one).
+    metadata, quarantine = build_metadata(
+        images_dir, params, DEV_PSEUDONYM_KEY, files=[images_dir / f"{i}.dcm" for i in set(batch)]
     )
-    # Labels of an image already present are kept as they were: appending must not rewrite history.
-    fresh = new_rows[~new_rows["image_id"].isin(set(existing["image_id"]))]
-    merged = pd.concat([existing, fresh], ignore_index=True) if len(existing) else fresh
-    merged = merged.sort_values(["image_id", "label", "x_min", "y_min"], na_position="first")
-    tmp = labels_path.with_suffix(".csv.tmp")
-    merged.to_csv(tmp, index=False, float_format="%.2f")
-    os.replace(tmp, labels_path)
-    return IngestSummary(len(sources), added, skipped, len(merged), orphan)
+    accepted_ids = set(metadata["image_id"])
+    reason_of = dict(zip(quarantine["image_id"], quarantine["reason"], strict=True))
+    quarantined: dict[str, int] = {}
+    for image_id in batch:  # per file: two files with the same content are two files seen
+        if image_id in reason_of:
+            quarantined[reason_of[image_id]] = quarantined.get(reason_of[image_id], 0) + 1
+
+    labels_path = raw_dir / "labels.csv"
+    existing = _read_csv(labels_path, LABEL_COLUMNS)
+    imported = LabelImport(
+        "",
+        pd.DataFrame(columns=LABEL_COLUMNS),
+        pd.DataFrame(columns=READER_COLUMNS),
+        pd.DataFrame(columns=ISSUE_COLUMNS[1:]),
+    )
+    if table is not None:
+        imported = import_labels(table, stem_ids, label_format, params.wbf_iou)
+    merged, fresh, clashes = merge_labels(existing, imported.labels)
+    _write_csv_atomic(merged, labels_path)
+
+    reader_rows = 0
+    if len(imported.readers):
+        readers_path = raw_dir / READERS_FILE
+        old_readers = _read_csv(readers_path, READER_COLUMNS)
+        new_readers = imported.readers[
+            ~imported.readers["image_id"].isin(set(existing["image_id"]))
+        ]
+        reader_rows = len(new_readers)
+        all_readers = pd.concat([old_readers, new_readers], ignore_index=True)
+        _write_csv_atomic(
+            all_readers.sort_values(["image_id", "rad_id", "label"], kind="stable"), readers_path
+        )
+
+    issues = pd.concat(
+        [i for i in (imported.issues, clashes) if len(i)] or [imported.issues], ignore_index=True
+    )
+    issues_file = None
+    if len(issues):
+        assert labels_file is not None
+        issues_file = raw_dir / ISSUES_FILE
+        issues.insert(0, "labels_sha256", file_sha256(labels_file)[:16])
+        previous = _read_csv(issues_file, ISSUE_COLUMNS).astype({"source_row": "Int64"})
+        all_issues = pd.concat(
+            [previous, issues.astype({"source_row": "Int64"})], ignore_index=True
+        )
+        _write_csv_atomic(all_issues.drop_duplicates(), issues_file)
+
+    labelled = set(merged["image_id"].astype(str))
+    return IngestSummary(
+        seen=len(sources),
+        added=added,
+        skipped_existing=skipped,
+        accepted=sum(1 for i in batch if i in accepted_ids),
+        quarantined=dict(sorted(quarantined.items())),
+        label_format=imported.format,
+        labels_imported=len(fresh),
+        label_rows=len(merged),
+        reader_rows=reader_rows,
+        label_issues=issues["kind"].value_counts().sort_index().to_dict() if len(issues) else {},
+        labels_for_quarantined=int(fresh["image_id"].isin(set(reason_of)).sum()),
+        unlabelled=tuple(sorted(accepted_ids - labelled)),
+        issues_file=issues_file,
+    )

@@ -1,0 +1,216 @@
+"""The GX suites in a file-backed context: good, broken and warning-only batches, Data Docs, and PHI."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline_steps import validate
+from pipeline_steps.config import IngestParams, SynthParams, ValidateParams
+from pipeline_steps.errors import ValidationFailed
+from pipeline_steps.ingest import ingest_directory
+from pipeline_steps.labels import LABEL_COLUMNS, NO_FINDING
+from pipeline_steps.layout import Layout
+from pipeline_steps.synth import collect_phi, generate_dataset
+from tests.conftest import build_dicom
+
+INGEST = IngestParams()
+PARAMS = ValidateParams()
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    """Six synthetic radiographs with fake PHI and RSNA labels, plus a CT file (quarantined)."""
+    out = tmp_path_factory.mktemp("synth")
+    generate_dataset(SynthParams(native_size=(512, 512)), out, n_images=6, seed=1)
+    build_dicom(out / "images" / "Testperson_Ada_CT.dcm", modality="CT")
+    return out
+
+
+@pytest.fixture
+def layout(tmp_path, synthetic) -> Layout:
+    layout = Layout(tmp_path / "ws")
+    ingest_directory(synthetic / "images", synthetic / "labels.csv", layout.raw)
+    return layout
+
+
+def _stored_results(layout: Layout) -> list[Path]:
+    return sorted((layout.root / "gx" / "uncommitted" / "validations").rglob("*.json"))
+
+
+def test_a_good_batch_is_stored_under_its_data_version_with_data_docs(layout, capfd, caplog):
+    caplog.set_level(logging.INFO)
+    report = validate.run(layout, INGEST, PARAMS, data_version="1a2b.dir")
+    assert report.success
+    assert (report.n_images, report.n_quarantined) == (6, 1)
+
+    saved = json.loads(layout.validation_report.read_text())
+    assert saved["data_version"] == "1a2b.dir"
+    assert saved["result_id"].startswith("1a2b.dir/")
+    assert saved["data_docs"] == "reports/data_docs/index.html"
+    # Each suite's result is in the GX store and in Data Docs under the data version.
+    stored = _stored_results(layout)
+    assert {p.relative_to(p.parents[3]).parts[:2] for p in stored} == {
+        ("metadata", "1a2b.dir"),
+        ("labels", "1a2b.dir"),
+        ("label_summary", "1a2b.dir"),
+    }
+    for suite, result_id in saved["gx_results"].items():
+        assert result_id.startswith(f"{suite}/1a2b.dir/")
+        page = layout.reports / "data_docs" / "validations" / f"{result_id}.html"
+        assert page.is_file(), page
+    index = layout.reports / "data_docs" / "index.html"
+    assert "1a2b.dir" in index.read_text()
+    # One docs site only (no second copy under gx/uncommitted), progress bars off, GX quiet.
+    config = yaml.safe_load((layout.root / "gx" / "great_expectations.yml").read_text())
+    assert list(config["data_docs_sites"]) == ["radflow"]
+    assert config["progress_bars"]["globally"] is False
+    assert not [p for p in (layout.root / "gx").rglob("*.html")]
+    assert "Calculating Metrics" not in capfd.readouterr().err
+    assert not [r for r in caplog.records if r.name.startswith("great_expectations")]
+
+    # A second data version adds results beside the first; the suites are reused, not duplicated.
+    validate.run(layout, INGEST, PARAMS, data_version="3c4d.dir")
+    assert len(_stored_results(layout)) == 2 * len(stored)
+    assert len(list((layout.root / "gx" / "expectations").glob("*.json"))) == 3
+
+
+def test_a_broken_batch_is_stopped_naming_the_expectation_and_rows(layout, synthetic):
+    labels = pd.read_csv(layout.raw_labels)
+    positive = labels.index[labels["label"] != NO_FINDING][0]
+    labels.loc[positive, "x_max"] = 5000.0
+    labels.to_csv(layout.raw_labels, index=False)
+    bad_id = labels.loc[positive, "image_id"]
+
+    with pytest.raises(ValidationFailed) as failed:
+        validate.run(layout, INGEST, PARAMS, data_version="bad0.dir")
+    message = str(failed.value)
+    assert "expect_column_pair_values_a_to_be_greater_than_b(columns,x_max)" in message
+    assert f"image_id={bad_id}" in message
+    assert "bad0.dir" in message
+    assert not [v for v in collect_phi(synthetic / "images") if v in message]
+
+    saved = json.loads(layout.validation_report.read_text())
+    assert saved["success"] is False
+    assert [f["name"] for f in saved["failures"]] == [
+        "expect_column_pair_values_a_to_be_greater_than_b(columns,x_max)"
+    ]
+    assert saved["failures"][0]["offending"][0]["image_id"] == bad_id
+    page = layout.reports / "data_docs" / "validations" / f"{saved['gx_results']['labels']}.html"
+    assert page.is_file()
+
+
+def test_an_extra_phi_column_is_stopped_and_its_values_stored_nowhere(layout):
+    metadata, _ = validate.build_metadata(layout.raw_images, INGEST, "k")
+    metadata["PatientName"] = "Testperson^Ada"
+    labels = validate.build_labels(pd.read_csv(layout.raw_labels), metadata)
+    store = validate.gx_store(layout)
+    report = validate.validate_tables(
+        metadata, labels, PARAMS, INGEST, store=store, data_version="phi0.dir"
+    )
+    assert [f.name for f in report.failures] == ["expect_table_columns_to_match_set"]
+    written = [
+        p for d in (layout.root / "gx", store.data_docs) for p in d.rglob("*") if p.is_file()
+    ]
+    assert any("phi0.dir" in str(p) for p in written)
+    assert not [p for p in written if b"Testperson" in p.read_bytes()]
+
+
+def test_a_warning_only_batch_passes_with_the_warning_recorded(tmp_path, caplog):
+    layout = Layout(tmp_path / "ws")
+    for i in range(4):
+        build_dicom(
+            layout.raw_images / f"img{i}.dcm",
+            patient_id=f"P{i}",
+            spacing=None if i == 0 else (0.35, 0.35),
+        )
+    pd.DataFrame(
+        [["img1", "opacity", 10, 10, 50, 50]]
+        + [[f"img{i}", NO_FINDING, None, None, None, None] for i in (0, 2, 3)],
+        columns=LABEL_COLUMNS,
+    ).to_csv(layout.raw_labels, index=False)
+
+    report = validate.run(layout, INGEST, PARAMS, data_version="warn.dir")
+    assert report.success
+    saved = json.loads(layout.validation_report.read_text())
+    assert saved["success"] is True and saved["failures"] == []
+    assert [(w["name"], w["severity"], w["offending"]) for w in saved["warnings"]] == [
+        (
+            "expect_column_values_to_be_in_set(spacing_flagged)",
+            "warning",
+            [{"image_id": "img0", "spacing_flagged": True}],
+        )
+    ]
+    assert saved["result_id"].startswith("warn.dir/")
+    assert any(
+        "spacing_flagged" in r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+    )
+
+
+def _radflow(workspace: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env.pop("RADFLOW_PSEUDONYM_KEY", None)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", "--workspace", str(workspace), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def test_no_phi_leaves_ingest_and_validation(tmp_path, synthetic):
+    ws = tmp_path / "ws"
+    assert _radflow(ws, "init").returncode == 0
+    images = tmp_path / "incoming"
+    shutil.copytree(synthetic / "images", images)
+    labels = tmp_path / "labels.csv"
+    # One label row names the quarantined file: its source name must not surface anywhere.
+    labels.write_text(
+        (synthetic / "labels.csv").read_text() + "Testperson_Ada_CT,1,1,20,20,1\nGhost_Bob,,,,,0\n"
+    )
+    ingest = _radflow(ws, "ingest", "--dicom-dir", str(images), "--labels", str(labels), "--json")
+    assert ingest.returncode == 0, ingest.stderr
+    (summary,) = [json.loads(line) for line in ingest.stdout.splitlines()]
+    assert {k: summary[k] for k in ("seen", "accepted", "quarantined", "labels")} == {
+        "seen": 7,
+        "accepted": 6,
+        "quarantined": {"modality_not_allowed": 1},
+        "labels": 8,
+    }
+    assert summary["data_version"].endswith(".dir")
+    assert summary["labels_for_quarantined"] == 1 and summary["labels_without_image"] == 1
+    step = _radflow(ws, "step", "validate")
+    assert step.returncode == 0, step.stderr[-3000:]
+
+    phi = {v for v in collect_phi(images) if len(v) >= 6} | {"Testperson_Ada_CT", "Ghost_Bob"}
+    assert any(
+        v.startswith("19") for v in phi
+    )  # birth dates, names, UIDs: the check means something
+    places = [ws / "data" / "interim", ws / "reports", ws / "gx", ws / "data" / "raw"]
+    files = [p for place in places for p in place.rglob("*") if p.is_file()]
+    files = [p for p in files if "images" not in p.relative_to(ws).parts]  # the archive itself
+    assert {p.name for p in files} >= {
+        "metadata.parquet",
+        "labels.parquet",
+        "labels.csv",
+        "label_issues.csv",
+        "validation.json",
+        "quarantine.csv",
+        "index.html",
+        "great_expectations.yml",
+    }
+    blobs = {str(p): p.read_bytes() for p in files}
+    blobs["ingest output"] = (ingest.stdout + ingest.stderr).encode()
+    blobs["validate output"] = (step.stdout + step.stderr).encode()
+    leaks = [(v, where) for v in phi for where, blob in blobs.items() if v.encode() in blob]
+    assert not leaks, leaks[:5]
