@@ -10,6 +10,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline_steps.errors import RadflowError
@@ -208,11 +209,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     layout = workspace.resolve(_ws(args))
     workspace.load(layout)  # fail on a bad params.yaml before any work starts
     _ensure_data(layout)
+    from flows import decision
+
+    # Like `dvc repro`: nothing changed since the last successful run -> nothing to do.
+    verdict = decision.check(layout, workspace.load(layout), force=args.force)
+    if verdict.up_to_date:
+        done = verdict.run_summary()
+        print(
+            json.dumps(done)
+            if args.json
+            else f"up to date: model version {done['model_version']}\n{verdict.reason}\n"
+            "(radflow run --force retrains anyway)"
+        )
+        return 0
+    log.info("training: %s", verdict.reason)
     from flows.pipeline import training_pipeline
 
     result = training_pipeline(str(layout.root))
     versioning.commit_stages(layout)
     metrics = json.loads(layout.metrics.read_text())
+    decision.record_success(layout, verdict.fingerprint, result, metrics)
     summary = {
         "run_id": result["run_id"],
         "model_name": result["model_name"],
@@ -249,6 +265,255 @@ def cmd_step(args: argparse.Namespace) -> int:
         "stage %s done: %s", args.stage, getattr(result, "__dict__", None) or type(result).__name__
     )
     return 0
+
+
+# -- the model registry: stages, promotion, rollback and their history (issue 6) --------------
+
+
+@contextmanager
+def _governance(args: argparse.Namespace) -> Iterator[tuple[object, object]]:
+    """The workspace's registry and ledger. MLflow's HTTP retries are kept short here (unless set),
+    so an unreachable server is reported in seconds rather than minutes."""
+    from flows import registry, stages
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    layout, params = stages.open_workspace(_ws(args))
+    with registry.governance(layout, params) as pair:
+        yield pair
+
+
+def _instant(text: str) -> datetime:
+    """An ISO-8601 time for --at; without a zone it is taken as UTC."""
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO-8601 time (e.g. 2026-11-23T14:00:00Z or 2026-11-23)"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _short(value: object, width: int = 12) -> str:
+    text = "-" if value is None or value == "" else str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from flows import registry
+
+    with _governance(args) as (reg, ledger):
+        assert isinstance(reg, registry.ModelRegistry)
+        if args.action == "history" or args.at is not None:
+            return _print_history(args, reg, ledger)
+        rows = registry.list_versions(reg, ledger)  # type: ignore[arg-type]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print(f"no versions of {reg.model_name} yet; `radflow run` registers one")
+        return 0
+    print(
+        f"{'version':>7}  {'stage':<10}  {'ap50':>6}  {'cpm':>6}  {'gate':<6}  "
+        f"{'data_version':<12}  {'created (UTC)':<16}  promoted by"
+    )
+    for row in rows:
+        metrics = row["metrics"]
+        ap50, cpm = metrics.get("ap50"), metrics.get("cpm")
+        by = f"{row['promoted_by']} {row['promoted_at'][:16]}" if row["promoted_by"] else "-"
+        print(
+            f"{row['version']:>7}  {_short(row['stage'], 10):<10}  "
+            f"{'-' if ap50 is None else f'{ap50:.3f}':>6}  {'-' if cpm is None else f'{cpm:.3f}':>6}  "
+            f"{_short(row['gate'], 6):<6}  {_short(row['data_version']):<12}  "
+            f"{row['created'][:16].replace('T', ' '):<16}  {by}"
+        )
+    return 0
+
+
+def _print_history(args: argparse.Namespace, reg: object, ledger: object) -> int:
+    from flows import registry
+    from pipeline_steps.governance.ledger import Ledger, timestamp
+
+    assert isinstance(reg, registry.ModelRegistry) and isinstance(ledger, Ledger)
+    if args.at is not None:
+        state = registry.stages_at(ledger, reg.model_name, args.at)
+        answer = {"model": reg.model_name, "at": timestamp(args.at), "stages": state}
+        if args.json:
+            print(json.dumps(answer))
+            return 0
+        print(f"{reg.model_name} at {answer['at']}:")
+        for stage in ("production", "staging", "candidate"):
+            held = state.get(stage)
+            print(
+                f"  {stage:<10} "
+                + (
+                    f"version {held['version']} (since {held['since']}, by {held['actor']}: "
+                    f"{held['reason']}; ledger row {held['ledger_row']})"
+                    if held
+                    else "none"
+                )
+            )
+        return 0
+    entries = registry.transitions(ledger, reg.model_name)
+    if args.json:
+        print(json.dumps([e.as_dict() for e in entries]))
+        return 0
+    if not entries:
+        print(f"no stage transitions of {reg.model_name} recorded yet")
+    for e in entries:
+        p = e.payload
+        flags = " [forced]" if p.get("forced") else ""
+        flags += " [rollback]" if p.get("cause") == "rollback" else ""
+        print(
+            f"{e.seq:>5}  {e.recorded_at[:19].replace('T', ' ')}  version {p['version']:>4}  "
+            f"{p.get('from_stage') or 'none':>10} -> {p.get('to_stage') or 'none':<10}  "
+            f"{p.get('actor')}: {p.get('reason')}{flags}"
+        )
+    return 0
+
+
+def _print_transition(done: object) -> None:
+    from flows import registry
+
+    assert isinstance(done, registry.Transition)
+    for move, entry in zip(done.moves, done.entries, strict=True):
+        print(
+            f"version {move.version}: {move.from_stage or 'none'} -> {move.to_stage or 'none'} "
+            f"(ledger row {entry.seq})"
+        )
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from flows import registry
+
+    with _governance(args) as (reg, ledger):
+        done = registry.promote(
+            reg,  # type: ignore[arg-type]
+            ledger,  # type: ignore[arg-type]
+            args.version,
+            args.to,
+            actor=args.actor or registry.default_actor(),
+            reason=args.reason,
+            force=args.force,
+            allowed=("staging", "production"),
+        )
+    _print_transition(done)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from flows import registry
+
+    with _governance(args) as (reg, ledger):
+        done = registry.rollback(
+            reg,  # type: ignore[arg-type]
+            ledger,  # type: ignore[arg-type]
+            actor=args.actor or registry.default_actor(),
+            reason=args.reason,
+        )
+    _print_transition(done)
+    return 0
+
+
+def _add_registry_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "models", help="model versions with stage, metrics, data version and who promoted them"
+    )
+    p.add_argument("action", nargs="?", choices=["history"], help="history: every stage transition")
+    p.add_argument(
+        "--at",
+        type=_instant,
+        metavar="TIME",
+        help="with history: which version held each stage at TIME (ISO-8601; UTC if no zone)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("promote", help="move a model version to staging or production")
+    p.add_argument("version")
+    p.add_argument("--to", required=True, metavar="STAGE", help="staging | production")
+    p.add_argument("--reason", required=True, help="why; kept in the audit ledger")
+    p.add_argument("--actor", help="who (default: $RADFLOW_ACTOR, else the login name)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="promote to production without a passed gate or data validation (recorded)",
+    )
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("rollback", help="put the previous production version back in production")
+    p.add_argument("--reason", required=True, help="why; kept in the audit ledger")
+    p.add_argument("--actor", help="who (default: $RADFLOW_ACTOR, else the login name)")
+    p.set_defaults(func=cmd_rollback)
+
+
+# -- nightly retraining, its schedule and a local Prefect server (issue 7) ----------------------
+
+
+def cmd_nightly(args: argparse.Namespace) -> int:
+    from flows import workspace
+    from flows.nightly import nightly_retraining, run_log
+
+    layout = workspace.resolve(_ws(args))
+    workspace.load(layout)  # fail on a bad params.yaml before Prefect starts
+    state = nightly_retraining(str(layout.root), force=args.force, return_state=True)
+    # This run's line (another run may have appended one since).
+    run_id = str(state.state_details.flow_run_id)
+    lines = run_log(layout).read_text().splitlines() if run_log(layout).exists() else []
+    mine = [json.loads(line) for line in lines if run_id in line]
+    summary = mine[-1] if mine else {"status": "failed", "error": state.message}
+    if args.json:
+        print(json.dumps(summary))
+    elif summary["status"] == "failed":
+        print(f"nightly: FAILED: {summary.get('error')}", file=sys.stderr)
+    else:
+        version = summary.get("model_version") or "-"
+        print(f"nightly: {summary['status']} (model version {version}): {summary.get('reason')}")
+    return 1 if state.is_failed() or state.is_crashed() else 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from flows import servers, workspace
+
+    layout = workspace.resolve(_ws(args))
+    params = workspace.load(layout)
+    print(
+        f"serving nightly_retraining/radflow-nightly: cron {params.nightly.cron!r} "
+        f"({params.nightly.timezone}) on {layout.root}; Ctrl-C stops it",
+        flush=True,
+    )
+    servers.serve_nightly(layout, params)
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from flows import servers
+
+    return servers.start_prefect_server(args.host, args.port, ui=not args.no_ui)
+
+
+def _add_nightly_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "nightly",
+        help="one nightly run: landing sync, ingest + DVC push, decide, train + gate, summary",
+    )
+    p.add_argument("--force", action="store_true", help="retrain even when nothing changed")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    p.set_defaults(func=cmd_nightly)
+
+    p = sub.add_parser(
+        "schedule",
+        help="serve the nightly deployment on params.yaml's cron (needs PREFECT_API_URL)",
+    )
+    p.set_defaults(func=cmd_schedule)
+
+    p = sub.add_parser("server", help="local services")
+    server = p.add_subparsers(dest="service", required=True)
+    p = server.add_parser("start", help="a Prefect server (SQLite unless configured), foreground")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=4200)
+    p.add_argument("--no-ui", action="store_true", help="API only")
+    p.set_defaults(func=cmd_server)
 
 
 def _ws(args: argparse.Namespace) -> Path:
@@ -305,13 +570,22 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="the main job: data (default synthetic) -> trained, registered model"
     )
     p.add_argument("--json", action="store_true", help="print one JSON summary object")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="train even when data, params and code are unchanged since the last run",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("step", help="run one pipeline stage without Prefect (used by dvc.yaml)")
     p.add_argument(
-        "stage", choices=["validate", "preprocess", "extract_features", "train", "test", "register"]
+        "stage",
+        choices=["validate", "preprocess", "extract_features", "train", "test", "register", "gate"],
     )
     p.set_defaults(func=cmd_step)
+
+    _add_registry_commands(sub)
+    _add_nightly_commands(sub)
     return parser
 
 

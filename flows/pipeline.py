@@ -1,4 +1,5 @@
-"""The training pipeline as a Prefect flow: validate -> preprocess -> extract_features -> train -> test -> register."""
+"""The training pipeline as a Prefect flow: validate -> preprocess -> extract_features -> train -> test -> register
+-> gate."""
 
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ test_task = task(name="test", cache_policy=NO_CACHE)(stages.test)
 register_task = task(
     name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 20]
 )(stages.register)
+# Moves already made are skipped on a re-run, so a retry after a registry hiccup is safe.
+gate_task = task(name="gate", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=[10])(
+    stages.gate
+)
 
 
 @flow(name="training_pipeline", log_prints=True)
@@ -50,4 +55,5 @@ def training_pipeline(workspace: str) -> dict[str, Any]:
     train_task(layout, params)
     test_task(layout, params)
     registered = register_task(layout, params)
+    gate_task(layout, params)
     return registered.__dict__

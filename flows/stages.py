@@ -12,7 +12,7 @@ from pipeline_steps.layout import Layout
 
 log = logging.getLogger("radflow")
 
-STAGES = ("validate", "preprocess", "extract_features", "train", "test", "register")
+STAGES = ("validate", "preprocess", "extract_features", "train", "test", "register", "gate")
 
 
 def open_workspace(root: Path) -> tuple[Layout, Params]:
@@ -29,19 +29,52 @@ def train(layout: Layout, params: Params) -> dict[str, object]:
 
 
 def test(layout: Layout, params: Params) -> dict[str, float]:
-    from pipeline_steps import evaluate
+    from pipeline_steps import evaluate, report
 
-    return evaluate.run(layout, params.test, params.preprocess.input_size)
+    metrics = evaluate.run(
+        layout,
+        params.test,
+        params.preprocess.input_size,
+        spacing_mm=params.preprocess.target_spacing_mm,
+    )
+    report.run(layout)
+    return metrics
 
 
 def register(layout: Layout, params: Params) -> tracking.Registered:
-    from pipeline_steps.register import build_registration, read_results
+    from pipeline_steps.register import build_registration, read_lineage, read_results
 
     metrics, history = read_results(layout)
-    registration = build_registration(
-        params, versioning.data_version(layout), workspace.code_version(), metrics, history
-    )
+    lineage = read_lineage(layout, versioning.data_version(layout), tracking.data_git_rev(layout))
+    registration = build_registration(params, lineage, workspace.code_version(), metrics, history)
     return tracking.log_and_register(layout, registration, layout.model)
+
+
+def gate(layout: Layout, params: Params) -> dict[str, object]:
+    """The version just registered (reports/registration.json) becomes the candidate and faces
+    production; reports/gate.json holds the decision, the ledger its record."""
+    import json
+
+    from flows import registry
+    from pipeline_steps.errors import DataError
+
+    if not layout.registration.exists():
+        raise DataError(f"{layout.registration}: missing. Run the `register` stage first.")
+    registered = json.loads(layout.registration.read_text())
+    outcome = registry.run_gate(
+        layout,
+        params,
+        str(registered["model_version"]),
+        data_version=str(registered.get("tags", {}).get("data_version", "")),
+        run_id=str(registered.get("run_id", "")),
+    )
+    log.info(
+        "gate: version %s %s; now in %s",
+        outcome.version,
+        outcome.result.reason,
+        outcome.stages[-1] if outcome.stages else "candidate",
+    )
+    return outcome.as_dict()
 
 
 def run_stage(
@@ -64,4 +97,6 @@ def run_stage(
         return test(layout, params)
     if name == "register":
         return register(layout, params)
+    if name == "gate":
+        return gate(layout, params)
     raise ValueError(f"unknown stage {name!r}; expected one of {STAGES}")

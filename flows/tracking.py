@@ -1,16 +1,47 @@
-"""MLflow edge: the tracking store of a workspace, and logging + registering a trained model."""
+"""MLflow edge: the tracking store of a workspace, and logging + registering a trained model.
+
+A model version is the pyfunc of `pipeline_steps/governance/pyfunc.py` (DICOM in, boxes in original
+pixels out), with a Keras-native copy in the same run, lineage tags, the training manifest as an
+artifact and the data version as the run's dataset input.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import subprocess
+import tempfile
+import warnings
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
+
+import numpy as np
 
 from pipeline_steps.errors import TrackingError
 from pipeline_steps.layout import Layout
 from pipeline_steps.register import Registration
+
+PYFUNC_NAME = "model"  # the registered pyfunc, under the run's artifacts
+KERAS_NAME = "keras_model"  # the Keras-native copy, for reuse (fine-tuning, export)
+MANIFEST_ARTIFACT = "lineage/train_manifest.csv"
+# Pinned to what is installed, so MLflow does not load the model in a subprocess to guess them.
+# radflow itself is not on an index: serve with `--env-manager local` in a radflow environment.
+SERVING_PACKAGES = (
+    "mlflow",
+    "tensorflow-cpu",
+    "keras",
+    "numpy",
+    "pandas",
+    "pydicom",
+    "pylibjpeg",
+    "pylibjpeg-openjpeg",
+    "pylibjpeg-rle",
+    "pillow",
+    "pydantic",
+    "pyyaml",
+)
 
 
 @dataclass(frozen=True)
@@ -41,9 +72,74 @@ def _experiment_id(client: object, name: str, layout: Layout) -> str:
     return str(client.create_experiment(name, artifact_location=location))
 
 
-def log_and_register(layout: Layout, registration: Registration, model_path: Path) -> Registered:
-    """One MLflow run with params, per-epoch and test metrics, reports and the model; register a version."""
+def data_git_rev(layout: Layout) -> str:
+    """The workspace commit that holds data/raw.dvc as it is now; "uncommitted" when none does."""
+    rel = str(layout.raw_dvc.relative_to(layout.root))
+
+    def git(*args: str) -> str | None:
+        done = subprocess.run(
+            ["git", "-C", str(layout.root), *args], capture_output=True, text=True
+        )
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    if git("status", "--porcelain", "--", rel) != "":  # changed, untracked, or not a git repo
+        return "uncommitted"
+    return git("log", "-1", "--format=%H", "--", rel) or "uncommitted"
+
+
+def serving_requirements() -> list[str]:
+    pins = []
+    for name in SERVING_PACKAGES:
+        try:
+            pins.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return pins
+
+
+def _log_models(registration: Registration, model_path: Path, scratch: Path) -> str:
+    """The Keras-native copy, then the registered pyfunc; returns the new version."""
     import keras
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from pipeline_steps.governance import pyfunc, serving
+
+    config = scratch / "serving_config.json"
+    config.write_text(registration.serving.to_json())
+    requirements = serving_requirements()
+    detector = keras.models.load_model(model_path, compile=False)
+    mlflow.keras.log_model(
+        detector,
+        name=KERAS_NAME,
+        signature=ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *detector.input_shape[1:]))]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *detector.output_shape[1:]))]),
+        ),
+        pip_requirements=requirements,
+    )
+    info = mlflow.pyfunc.log_model(
+        name=PYFUNC_NAME,
+        python_model=pyfunc.RadiographDetector(),
+        artifacts={pyfunc.DETECTOR_ARTIFACT: str(model_path), pyfunc.CONFIG_ARTIFACT: str(config)},
+        signature=pyfunc.signature(registration.serving.test),
+        input_example=serving.input_example(),
+        pip_requirements=requirements,
+        metadata={
+            "code_version": registration.tags["code_version"],
+            "data_version": registration.lineage.data_version,
+            "input": "column `dicom`: a DICOM file path or base64-encoded DICOM bytes",
+            "output": "boxes in original DICOM pixel coordinates",
+        },
+        registered_model_name=registration.model_name,
+    )
+    return str(info.registered_model_version)
+
+
+def log_and_register(layout: Layout, registration: Registration, model_path: Path) -> Registered:
+    """One MLflow run with params, per-epoch and test metrics, reports, lineage and the model; register
+    a version tagged with its lineage."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -55,8 +151,12 @@ def log_and_register(layout: Layout, registration: Registration, model_path: Pat
     except Exception as exc:
         raise TrackingError(f"MLflow at {uri} is not usable: {exc}") from exc
 
-    model = keras.models.load_model(model_path, compile=False)
-    with mlflow.start_run(experiment_id=experiment_id) as run:
+    lineage = registration.lineage
+    with (
+        mlflow.start_run(experiment_id=experiment_id) as run,
+        tempfile.TemporaryDirectory(prefix="radflow-register-") as tmp,
+    ):
+        scratch = Path(tmp)
         mlflow.set_tags(registration.tags)
         mlflow.log_params(registration.params)
         for name, values in registration.history.items():
@@ -69,20 +169,29 @@ def log_and_register(layout: Layout, registration: Registration, model_path: Pat
                 mlflow.log_artifact(str(report), artifact_path="reports")
         if layout.plots.exists():
             mlflow.log_artifacts(str(layout.plots), artifact_path="reports/plots")
-        info = mlflow.keras.log_model(
-            model, name="model", registered_model_name=registration.model_name
-        )
-        version = str(info.registered_model_version)
-        for key, value in registration.tags.items():
-            client.set_model_version_tag(registration.model_name, version, key, value)
-        for key in ("ap50", "cpm", "sens_at_1fp"):
-            if key in registration.metrics:
-                client.set_model_version_tag(
-                    registration.model_name,
-                    version,
-                    f"metric.{key}",
-                    f"{registration.metrics[key]:.4f}",
-                )
+        report_page = layout.reports / "latest"
+        if report_page.exists():  # the one-page HTML report of the test stage (PNGs embedded)
+            mlflow.log_artifacts(str(report_page), artifact_path="reports/latest")
+        drift = layout.reports / "drift"
+        if drift.exists():
+            mlflow.log_artifacts(str(drift), artifact_path="reports/drift")
+        manifest = scratch / Path(MANIFEST_ARTIFACT).name
+        manifest.write_bytes(lineage.manifest_csv)
+        mlflow.log_artifact(str(manifest), artifact_path=str(Path(MANIFEST_ARTIFACT).parent))
+        # Dataset lineage: the images (content hash, split) under the DVC md5 as the digest.
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source twice and warns that the path is ambiguous.
+            warnings.filterwarnings("ignore", "The specified dataset source", UserWarning)
+            dataset = mlflow.data.from_pandas(
+                lineage.manifest,
+                source=str(layout.raw),
+                name="data/raw",
+                digest=lineage.data_version,
+            )
+        mlflow.log_input(dataset, context="training", tags={"data_git_rev": lineage.data_git_rev})
+        version = _log_models(registration, model_path, scratch)
+        for key, tag in registration.tags.items():
+            client.set_model_version_tag(registration.model_name, version, key, tag)
         result = Registered(run.info.run_id, registration.model_name, version)
     layout.registration.write_text(
         json.dumps(result.__dict__ | {"tags": registration.tags}, indent=2)

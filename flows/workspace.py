@@ -21,8 +21,13 @@ WORKSPACE_GITIGNORE = [
     # cached DVC outs that `dvc commit` (after a Prefect run) does not add to .gitignore itself
     "/models/detector.keras",
     "/reports/test_predictions.parquet",
+    "/reports/baseline_predictions.parquet",
     # Great Expectations Data Docs: rebuilt on every validation, browsed locally
     "/reports/data_docs/",
+    # the audit ledger (SQLite by default): append-only local state, not data
+    "ledger.db",
+    "ledger.db-wal",
+    "ledger.db-shm",
 ]
 
 

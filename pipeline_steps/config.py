@@ -181,17 +181,45 @@ class TrainParams(_Section):
     """Detector training (pipeline_steps/train.py); width/depth size the network."""
 
     seed: int = 7
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(8, ge=1)
+    epochs: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(3e-3, gt=0)
-    width: int = Field(16, ge=4, description="stem channels; stages double it, capped at 8x")
+    width: int = Field(24, ge=4, description="stem channels; stages double it, capped at 8x")
     depth: int = Field(4, ge=2, le=6, description="stride-2 stages after the stem")
     patience: int = Field(8, ge=1)
     monitor: Literal["val_ap", "val_loss"] = "val_ap"
     val_iou: float = Field(0.3, gt=0.0, le=1.0, description="IoU for a hit in val_ap")
     augment: bool = True
+    # Train on square crops of this side (0: whole images). The network is fully
+    # convolutional, so it still predicts whole images; a crop costs (crop/input)^2 of one.
+    crop_size: int = Field(128, ge=0, description="training crop side in pixels; 0 = whole image")
+    crops_per_image: int = Field(4, ge=1, le=16, description="crops drawn per image per epoch")
+    # Share of crops placed to contain a lesion (of images that have one): positive oversampling.
+    lesion_crop_fraction: float = Field(0.5, ge=0.0, le=1.0)
     shuffle_buffer: int = Field(256, ge=1, description="examples held for streaming shuffle")
     deterministic: bool = Field(True, description="TF op determinism (process-wide)")
+
+
+class BaselineParams(_Section):
+    """The classical detector (pipeline_steps/baseline.py), fitted and scored in the test stage."""
+
+    enabled: bool = True
+    # Blob scales cover lesions of these diameters (NODE21-like nodules are 6-30 mm).
+    diameter_mm: tuple[float, float] = (5.0, 32.0)
+    n_scales: int = Field(9, ge=2, le=32)
+    max_candidates: int = Field(100, ge=1, description="strongest LoG blobs kept per image")
+    lung_margin_mm: float = Field(11.0, ge=0.0, description="chest wall cut from the lung mask")
+    # Finer inputs are block-averaged to about this spacing first (constant cost per image).
+    working_spacing_mm: float = Field(1.4, gt=0.0)
+    positive_iou: float = Field(0.4, gt=0.0, le=1.0, description="IoU of a positive candidate")
+    trees: int = Field(200, ge=1, description="boosting iterations of the blob classifier")
+
+    @model_validator(mode="after")
+    def _range(self) -> BaselineParams:
+        lo, hi = self.diameter_mm
+        if not 0 < lo < hi:
+            raise ValueError("diameter_mm must be an increasing pair of positive numbers")
+        return self
 
 
 class TestParams(_Section):
@@ -203,6 +231,9 @@ class TestParams(_Section):
     metrics_score_floor: float = Field(0.01, ge=0.0, le=1.0)
     max_detections: int = Field(5, ge=1)
     nms_iou: float = Field(0.3, gt=0.0, le=1.0)
+    # Predict each image and its mirror and fuse the two (model.fuse_flipped); twice the cost.
+    flip_tta: bool = True
+    baseline: BaselineParams = BaselineParams()
 
 
 GateMetric = Literal["ap50", "cpm", "sens_at_1fp", "auroc"]
@@ -228,6 +259,43 @@ class RegisterParams(_Section):
     gate: GateParams = GateParams()
 
 
+class NightlyParams(_Section):
+    """Nightly retraining (flows/nightly.py): where new studies land, when, and who hears of a failure.
+
+    S3 credentials and a non-AWS endpoint come from the environment (`AWS_*`, `AWS_ENDPOINT_URL_S3`)."""
+
+    # s3://bucket/prefix new DICOMs (and label CSVs) are dropped into. Empty: no landing sync.
+    landing: str = ""
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    # POSTed a JSON summary when a run fails (RADFLOW_WEBHOOK_URL overrides). Empty: a log line only.
+    webhook_url: str = ""
+    # Prefect global concurrency limit held while a run syncs, trains and promotes (with a server).
+    concurrency_limit: str = "radflow-nightly"
+    lock_wait_s: float = Field(0.0, ge=0.0, description="a second run waits this long, then skips")
+    download_attempts: int = Field(4, ge=1, le=20, description="per S3 request, with backoff")
+    retries: int = Field(2, ge=0, le=10, description="task retries (sync, push) after attempts")
+    retry_delay_s: float = Field(10.0, ge=0.0, description="first task retry delay; doubles")
+
+    @model_validator(mode="after")
+    def _values(self) -> NightlyParams:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        if self.landing and not (
+            self.landing.startswith("s3://") and self.landing[5:].split("/", 1)[0]
+        ):
+            raise ValueError("landing must be s3://bucket[/prefix] or empty")
+        if len(self.cron.split()) != 5:
+            raise ValueError("cron must have five fields (minute hour day month weekday)")
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timezone {self.timezone!r} is not an IANA name") from None
+        if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
+            raise ValueError("webhook_url must be an http(s) URL or empty")
+        return self
+
+
 class Params(_Section):
     synth: SynthParams = SynthParams()
     ingest: IngestParams = IngestParams()
@@ -237,6 +305,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     test: TestParams = TestParams()
     register_: RegisterParams = Field(RegisterParams(), alias="register")
+    nightly: NightlyParams = NightlyParams()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

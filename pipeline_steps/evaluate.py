@@ -18,7 +18,9 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Hashable, Sequence
+import math
+import re
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypedDict
 
@@ -32,6 +34,8 @@ from pipeline_steps.layout import Layout
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+
+    from pipeline_steps.preprocess import Geometry
 
 FloatArray = NDArray[np.float64]
 BoolArray = NDArray[np.bool_]
@@ -398,6 +402,62 @@ def image_auroc(preds: Sequence[ArrayLike], gts: Sequence[ArrayLike]) -> float:
 # Bootstrap
 
 
+def _patient_groups(n_images: int, patient_ids: Sequence[Hashable] | None) -> list[list[int]]:
+    ids: Sequence[Hashable] = list(range(n_images)) if patient_ids is None else patient_ids
+    if len(ids) != n_images:
+        raise ValueError(f"patient_ids has {len(ids)} entries for {n_images} images")
+    groups: dict[Hashable, list[int]] = {}
+    for i, pid in enumerate(ids):
+        groups.setdefault(pid, []).append(i)
+    return list(groups.values())
+
+
+def _check_bootstrap(n_boot: int, alpha: float) -> None:
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+
+
+def _resamples(members: list[list[int]], n_boot: int, seed: int) -> Iterator[list[int]]:
+    """Image indices of each bootstrap replicate: patients drawn with replacement."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        drawn = rng.integers(0, len(members), size=len(members))
+        yield [i for k in drawn for i in members[k]]
+
+
+def _percentile_interval(values: list[float], alpha: float) -> tuple[float, float]:
+    finite = [v for v in values if np.isfinite(v)]
+    if not finite:
+        return float("nan"), float("nan")
+    low, high = np.quantile(finite, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def bootstrap_cis(
+    metric_fns: Mapping[str, MetricFn],
+    preds: Sequence[ArrayLike],
+    gts: Sequence[ArrayLike],
+    patient_ids: Sequence[Hashable] | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, tuple[float, float]]:
+    """`bootstrap_ci` of several metrics over the same replicates (one resampling pass)."""
+    _check_bootstrap(n_boot, alpha)
+    p, g = _check_inputs(preds, gts)
+    members = _patient_groups(len(p), patient_ids)
+    if not p:
+        return {name: (float("nan"), float("nan")) for name in metric_fns}
+    values: dict[str, list[float]] = {name: [] for name in metric_fns}
+    for idx in _resamples(members, n_boot, seed):
+        bp, bg = [p[i] for i in idx], [g[i] for i in idx]
+        for name, fn in metric_fns.items():
+            values[name].append(fn(bp, bg))
+    return {name: _percentile_interval(v, alpha) for name, v in values.items()}
+
+
 def bootstrap_ci(
     metric_fn: MetricFn,
     preds: Sequence[ArrayLike],
@@ -415,33 +475,35 @@ def bootstrap_ci(
     Replicates where the metric is nan (e.g. a resample without ground truth) are dropped; if all
     are, the interval is ``(nan, nan)``.
     """
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    p, g = _check_inputs(preds, gts)
-    ids: Sequence[Hashable] = list(range(len(p))) if patient_ids is None else patient_ids
-    if len(ids) != len(p):
-        raise ValueError(f"patient_ids has {len(ids)} entries for {len(p)} images")
-    if not p:
-        return float("nan"), float("nan")
-    groups: dict[Hashable, list[int]] = {}
-    for i, pid in enumerate(ids):
-        groups.setdefault(pid, []).append(i)
-    members = list(groups.values())
+    return bootstrap_cis(
+        {"metric": metric_fn}, preds, gts, patient_ids, n_boot=n_boot, seed=seed, alpha=alpha
+    )["metric"]
 
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_boot):
-        drawn = rng.integers(0, len(members), size=len(members))
-        idx = [i for k in drawn for i in members[k]]
-        value = metric_fn([p[i] for i in idx], [g[i] for i in idx])
-        if np.isfinite(value):
-            values.append(value)
-    if not values:
+
+def paired_bootstrap_ci(
+    metric_fn: MetricFn,
+    preds_a: Sequence[ArrayLike],
+    preds_b: Sequence[ArrayLike],
+    gts: Sequence[ArrayLike],
+    patient_ids: Sequence[Hashable] | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``metric_fn(a) - metric_fn(b)``: two detectors scored on
+    the same resampled patients, so that what the patients share cancels out (the interval of a
+    difference is much narrower than the two intervals suggest)."""
+    _check_bootstrap(n_boot, alpha)
+    pa, g = _check_inputs(preds_a, gts)
+    pb, _ = _check_inputs(preds_b, gts)
+    members = _patient_groups(len(g), patient_ids)
+    if not g:
         return float("nan"), float("nan")
-    low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
-    return float(low), float(high)
+    values = []
+    for idx in _resamples(members, n_boot, seed):
+        bg = [g[i] for i in idx]
+        values.append(metric_fn([pa[i] for i in idx], bg) - metric_fn([pb[i] for i in idx], bg))
+    return _percentile_interval(values, alpha)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -520,9 +582,9 @@ def evaluate_detections(
 
     Keys: ``ap50``, ``ap75``, ``map``, ``rsna``, ``froc_0.125`` ... ``froc_8``, ``cpm``,
     ``sens_at_1fp``, ``auroc``, ``n_images``, ``n_gt``, ``n_pred``; with ``n_boot > 0`` also
-    ``ap50_ci_low``, ``ap50_ci_high``, ``cpm_ci_low``, ``cpm_ci_high`` (95 % percentile bootstrap
-    over patients, or over images without ``patient_ids``). Undefined metrics are nan, see the
-    functions above.
+    ``<name>_ci_low`` and ``<name>_ci_high`` for each of CI_METRICS (ap50, cpm, sens_at_1fp,
+    auroc): 95 % percentile bootstrap over patients, or over images without ``patient_ids``, all
+    from the same replicates. Undefined metrics are nan, see the functions above.
     """
     p, g = _check_inputs(preds, gts)
     aps = coco_map(p, g)
@@ -542,18 +604,151 @@ def evaluate_detections(
         "n_pred": float(sum(len(x) for x in p)),
     }
     if n_boot > 0:
-
-        def ap50(bp: Sequence[FloatArray], bg: Sequence[FloatArray]) -> float:
-            return average_precision(bp, bg, 0.5)
-
-        def cpm(bp: Sequence[FloatArray], bg: Sequence[FloatArray]) -> float:
-            return froc(bp, bg)["cpm"]
-
-        for name, fn in (("ap50", ap50), ("cpm", cpm)):
-            low, high = bootstrap_ci(fn, p, g, patient_ids, n_boot=n_boot, seed=seed)
+        intervals = bootstrap_cis(CI_METRICS, p, g, patient_ids, n_boot=n_boot, seed=seed)
+        for name, (low, high) in intervals.items():
             out[f"{name}_ci_low"] = low
             out[f"{name}_ci_high"] = high
     return out
+
+
+def _ap50(preds: Sequence[FloatArray], gts: Sequence[FloatArray]) -> float:
+    return average_precision(preds, gts, 0.5)
+
+
+def _cpm(preds: Sequence[FloatArray], gts: Sequence[FloatArray]) -> float:
+    return froc(preds, gts)["cpm"]
+
+
+def _sens_at_1fp(preds: Sequence[FloatArray], gts: Sequence[FloatArray]) -> float:
+    return float(froc(preds, gts, fp_rates=(1.0,))["sensitivity_at_rates"][0])
+
+
+# The metrics that get bootstrap intervals, by their key in `evaluate_detections`.
+CI_METRICS: dict[str, MetricFn] = {
+    "ap50": _ap50,
+    "cpm": _cpm,
+    "sens_at_1fp": _sens_at_1fp,
+    "auroc": image_auroc,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Subgroups and lesion strata
+
+SUBGROUP_METRICS = ("ap50", "sens_at_1fp", "cpm", "auroc")
+
+
+def age_band(age: float | None) -> str:
+    """Age band for subgroup reporting: "<50", "50-64", "65+", or "unknown"."""
+    if age is None or not np.isfinite(age):
+        return "unknown"
+    if age < 50:
+        return "<50"
+    return "50-64" if age < 65 else "65+"
+
+
+def _group_order(value: str) -> tuple[bool, float, str]:
+    """Groups in a readable order: by their first number ("<50" just before "50-64", "65+" after),
+    then by name; "unknown" last."""
+    found = re.search(r"\d+(\.\d+)?", value)
+    number = float(found.group(0)) if found else math.inf
+    if found and value.lstrip().startswith("<"):
+        number -= 0.5
+    return value == "unknown", number, value
+
+
+def subgroup_metrics(
+    preds: Sequence[ArrayLike],
+    gts: Sequence[ArrayLike],
+    groups: Mapping[str, Sequence[str]],
+    patient_ids: Sequence[Hashable] | None = None,
+    n_boot: int = 0,
+    seed: int = 0,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Metrics within each subgroup: ``{attribute: {value: metrics}}``.
+
+    ``groups`` maps an attribute (e.g. ``"sex"``) to one value per image. Within a subgroup the
+    metrics are computed as if it were the whole test set (FROC counts false positives per image
+    of that subgroup). Each entry has ``n_images``, ``n_gt``, the SUBGROUP_METRICS and, with
+    ``n_boot > 0``, patient-level bootstrap intervals of ap50 and sens_at_1fp.
+    """
+    p, g = _check_inputs(preds, gts)
+    ids = list(range(len(p))) if patient_ids is None else list(patient_ids)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for attribute, values in groups.items():
+        if len(values) != len(p):
+            raise ValueError(f"groups[{attribute!r}] has {len(values)} values for {len(p)} images")
+        out[attribute] = {}
+        for value in sorted(set(values), key=_group_order):
+            idx = [i for i, v in enumerate(values) if v == value]
+            sp, sg = [p[i] for i in idx], [g[i] for i in idx]
+            full = evaluate_detections(sp, sg)
+            entry = {"n_images": full["n_images"], "n_gt": full["n_gt"]}
+            entry.update({k: full[k] for k in SUBGROUP_METRICS})
+            if n_boot > 0:
+                fns = {k: CI_METRICS[k] for k in ("ap50", "sens_at_1fp")}
+                cis = bootstrap_cis(fns, sp, sg, [ids[i] for i in idx], n_boot=n_boot, seed=seed)
+                for name, (low, high) in cis.items():
+                    entry[f"{name}_ci_low"], entry[f"{name}_ci_high"] = low, high
+            out[attribute][value] = entry
+    return out
+
+
+def metric_key_part(value: str) -> str:
+    """A group value as part of a metric name (MLflow allows letters, digits, ``_-./`` and space):
+    lower case, other characters as ``_``; "<50" becomes "lt50" and "65+" becomes "65plus"."""
+    text = str(value).strip().lower().replace("<", "lt").replace(">", "gt").replace("+", "plus")
+    slug = "".join(c if c.isalnum() or c in "-." else "_" for c in text).strip("_")
+    return slug or "unknown"
+
+
+def flatten_subgroups(table: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, float]:
+    """``subgroup_metrics`` output as flat ``subgroup.<attribute>.<value>.<metric>`` keys."""
+    return {
+        f"subgroup.{attribute}.{metric_key_part(value)}.{metric}": float(number)
+        for attribute, by_value in table.items()
+        for value, entry in by_value.items()
+        for metric, number in entry.items()
+    }
+
+
+def operating_threshold(
+    preds: Sequence[ArrayLike], gts: Sequence[ArrayLike], fp_rate: float
+) -> float:
+    """The lowest score threshold whose false positives per image stay within ``fp_rate`` (the
+    FROC operating point), +inf when even the best prediction is a false positive too many."""
+    curve = froc(preds, gts, fp_rates=(fp_rate,))
+    if curve["fps_per_image"].size == 0:
+        return float("inf")
+    last = int(np.searchsorted(curve["fps_per_image"], fp_rate, side="right")) - 1
+    return float(curve["thresholds"][last])
+
+
+def lesion_sensitivity(
+    preds: Sequence[ArrayLike],
+    gts: Sequence[ArrayLike],
+    lesion_groups: Sequence[Sequence[str]],
+    threshold: float,
+    hit: str = "center_or_iou",
+    iou_threshold: float = 0.3,
+) -> dict[str, tuple[int, int]]:
+    """Lesions found at a score ``threshold``, per lesion group: ``{group: (found, total)}``.
+
+    ``lesion_groups[i][j]`` names the group of ground-truth box j of image i (e.g. a size band);
+    a lesion is found when a prediction scoring at least ``threshold`` hits it (the FROC rule).
+    """
+    p, g = _check_inputs(preds, gts)
+    counts: dict[str, list[int]] = {}
+    for pi, gi, names in zip(p, g, lesion_groups, strict=True):
+        if len(names) != len(gi):
+            raise ValueError(f"lesion_groups has {len(names)} names for {len(gi)} boxes")
+        kept = pi[pi[:, 4] >= threshold]
+        found: BoolArray = np.asarray(_hits(kept, gi, hit, iou_threshold).any(axis=0))
+        for name, is_found in zip(names, found.tolist(), strict=True):
+            tally = counts.setdefault(name, [0, 0])
+            tally[0] += int(is_found)
+            tally[1] += 1
+    return {name: (found, total) for name, (found, total) in counts.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -577,26 +772,40 @@ def _new_figure() -> tuple[Figure, Axes]:
     return fig, fig.add_subplot()
 
 
-def plot_froc(curve: FrocResult, path: str | Path) -> Path:
-    """Draw a `froc` result (log-2 FP/image axis, marked operating rates) to a PNG at ``path``."""
+_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple")
+
+
+def plot_froc(
+    curve: FrocResult,
+    path: str | Path,
+    others: Mapping[str, FrocResult] | None = None,
+    label: str = "FROC",
+) -> Path:
+    """Draw a `froc` result (log-2 FP/image axis, marked operating rates) to a PNG at ``path``.
+
+    ``others`` adds more detectors' curves on the same axes (e.g. the classical baseline).
+    """
     fig, ax = _new_figure()
     rates = curve["fp_rates"]
     left, right = float(rates.min()) / 2, float(rates.max()) * 2
-    fps = curve["fps_per_image"]
-    sens = curve["sensitivity"]
-    if fps.size and np.isfinite(sens).all():
+    drawn = False
+    for (name, result), colour in zip(
+        {label: curve, **(others or {})}.items(), _COLOURS, strict=False
+    ):
+        fps = result["fps_per_image"]
+        sens = result["sensitivity"]
+        if not (fps.size and np.isfinite(sens).all()):
+            continue
         # Log axis: draw the (0, 0) start at the left edge; extend the last point to the right
         # edge, since sensitivity stays put once the predictions run out.
         x = np.concatenate([np.clip(fps, left, None), [max(right, float(fps[-1]))]])
         y = np.concatenate([sens, [sens[-1]]])
-        ax.plot(x, y, drawstyle="steps-post", color="tab:blue", label="FROC")
         ax.plot(
-            rates,
-            curve["sensitivity_at_rates"],
-            "o",
-            color="tab:red",
-            label=f"operating rates (CPM = {curve['cpm']:.3f})",
+            x, y, drawstyle="steps-post", color=colour, label=f"{name} (CPM {result['cpm']:.3f})"
         )
+        ax.plot(result["fp_rates"], result["sensitivity_at_rates"], "o", color=colour)
+        drawn = True
+    if drawn:
         ax.legend(loc="lower right")
     else:
         ax.text(0.5, 0.5, "no ground truth", ha="center", transform=ax.transAxes)
@@ -614,9 +823,18 @@ def plot_froc(curve: FrocResult, path: str | Path) -> Path:
 
 
 def plot_pr(
-    preds: Sequence[ArrayLike], gts: Sequence[ArrayLike], path: str | Path, iou: float = 0.5
+    preds: Sequence[ArrayLike],
+    gts: Sequence[ArrayLike],
+    path: str | Path,
+    iou: float = 0.5,
+    others: Mapping[str, Sequence[ArrayLike]] | None = None,
+    label: str = "model",
 ) -> Path:
-    """Draw the precision-recall curve at IoU ``iou`` and its COCO envelope to a PNG at ``path``."""
+    """Draw the precision-recall curve at IoU ``iou`` and its COCO envelope to a PNG at ``path``.
+
+    ``others`` maps more detectors' names to their predictions on the same images; their
+    interpolated curves are drawn too.
+    """
     _check_iou_threshold(iou)
     p, g = _check_inputs(preds, gts)
     images = _sorted_with_ious(p, g)
@@ -625,11 +843,26 @@ def plot_pr(
     fig, ax = _new_figure()
     if recall.size and np.isfinite(recall).all():
         envelope = np.maximum.accumulate(precision[::-1])[::-1]
-        ax.plot(recall, precision, color="tab:gray", alpha=0.6, label="precision")
+        ax.plot(recall, precision, color="tab:gray", alpha=0.6, label=f"{label} precision")
         ax.plot(
-            recall, envelope, drawstyle="steps-pre", color="tab:blue", label="interpolated (COCO)"
+            recall,
+            envelope,
+            drawstyle="steps-pre",
+            color=_COLOURS[0],
+            label=f"{label} interpolated (AP {ap:.3f})",
         )
-        ax.legend(loc="lower left")
+        for (name, extra), colour in zip((others or {}).items(), _COLOURS[1:], strict=False):
+            other_images = _sorted_with_ious(_check_inputs(extra, g)[0], g)
+            r, prec, _ = _pr_curve(other_images, iou)
+            if r.size:
+                ax.plot(
+                    r,
+                    np.maximum.accumulate(prec[::-1])[::-1],
+                    drawstyle="steps-pre",
+                    color=colour,
+                    label=f"{name} interpolated (AP {_ap_at(other_images, iou):.3f})",
+                )
+        ax.legend(loc="upper right")
     else:
         why = "no ground truth" if not np.isfinite(ap) else "no predictions"
         ax.text(0.5, 0.5, why, ha="center", transform=ax.transAxes)
@@ -642,6 +875,65 @@ def plot_pr(
     )
     ax.grid(True, alpha=0.3)
     return _save(fig, path)
+
+
+def plot_detection_grid(
+    images: Sequence[ArrayLike],
+    gts: Sequence[ArrayLike],
+    detections: Mapping[str, Sequence[ArrayLike]],
+    path: str | Path,
+    titles: Sequence[str] | None = None,
+    columns: int = 4,
+) -> Path:
+    """A grid of images with their ground truth (green) and each detector's boxes (in the order
+    of ``detections``: red solid, then blue dashed, ...) with scores, to a PNG at ``path``.
+
+    Boxes are in the images' pixels; the caller chooses which boxes to show (e.g. those above
+    an operating threshold).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+
+    n = len(images)
+    if n == 0:
+        raise ValueError("plot_detection_grid needs at least one image")
+    styles = [("red", "-"), ("deepskyblue", "--"), ("orange", ":")]
+    rows = math.ceil(n / columns)
+    fig = Figure(figsize=(3.2 * columns, 3.4 * rows + 0.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if k >= n:
+            continue
+        ax.imshow(np.asarray(images[k]), cmap="gray", vmin=0.0, vmax=1.0)
+        for x0, y0, x1, y1 in _as_boxes(gts[k], 4, f"gts[{k}]"):
+            pad = 2.0  # drawn just outside the lesion, so the lesion itself stays visible
+            ax.add_patch(
+                Rectangle(
+                    (x0 - pad, y0 - pad), x1 - x0 + 2 * pad, y1 - y0 + 2 * pad,
+                    fill=False, ec="lime", lw=1.2,
+                )
+            )  # fmt: skip
+        for (_, boxes), (colour, style) in zip(detections.items(), styles, strict=False):
+            for x0, y0, x1, y1, score in _as_boxes(boxes[k], 5, f"detections[{k}]"):
+                ax.add_patch(
+                    Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=colour, ls=style, lw=1.0)
+                )
+                ax.text(x0, y0 - 2, f"{score:.2f}", color=colour, fontsize=6)
+        if titles is not None:
+            ax.set_title(titles[k], fontsize=8)
+    handles = [Line2D([], [], color="lime", label="ground truth")] + [
+        Line2D([], [], color=colour, ls=style, label=name)
+        for name, (colour, style) in zip(detections, styles, strict=False)
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
 
 
 def plot_calibration(cal: CalibrationResult, path: str | Path) -> Path:
@@ -675,14 +967,134 @@ def plot_calibration(cal: CalibrationResult, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-# --- Stage `test` edge: the held-out split through the trained model, scored in original DICOM pixels. ---
+# --- Stage `test` edge: the held-out split through the trained model and the classical baseline,
+# scored in original DICOM pixels. ---
+
+# Lesion diameter bands for the size breakdown (mm), smallest first.
+SIZE_BANDS_MM: tuple[tuple[str, float], ...] = (("<8mm", 8.0), ("8-12mm", 12.0), ("12-20mm", 20.0))
+SIZE_BAND_LARGEST = ">=20mm"
+# Subgroup attributes: metadata column -> how a value becomes a group name.
+SUBGROUP_COLUMNS = ("sex", "age_band", "view_position", "manufacturer")
+# Test images drawn in the report's grid: this many with lesions and without, in image-id order
+# (ids are content hashes, so this is an arbitrary but reproducible pick, not a flattering one).
+GRID_POSITIVES, GRID_NEGATIVES = 8, 4
 
 
-def run(layout: Layout, params: TestParams, input_size: int, n_boot: int = 200) -> dict[str, float]:
-    """Stage edge: model + test split -> metrics.json, reports/test_predictions.parquet and plots."""
+def size_band(diameter_mm: float) -> str:
+    for name, upper in SIZE_BANDS_MM:
+        if diameter_mm < upper:
+            return name
+    return SIZE_BAND_LARGEST
+
+
+def details_path(layout: Layout) -> Path:
+    """Tables behind the report that do not fit metrics.json's flat floats."""
+    return layout.reports / "test_details.json"
+
+
+def baseline_predictions_path(layout: Layout) -> Path:
+    return layout.reports / "baseline_predictions.parquet"
+
+
+def grid_path(layout: Layout) -> Path:
+    return layout.plots / "test_grid.png"
+
+
+def _finite_or_none(value: object) -> object:
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _to_original(boxes: np.ndarray, geometry: Geometry) -> FloatArray:
+    """(k, 5) boxes in model input pixels -> original DICOM pixels, scores kept."""
+    if len(boxes) == 0:
+        return np.zeros((0, 5))
+    return np.column_stack([geometry.inverse(boxes[:, :4]), boxes[:, 4]])
+
+
+def _prediction_rows(
+    image_ids: Sequence[str], preds: Sequence[FloatArray]
+) -> list[dict[str, object]]:
+    return [
+        {
+            "image_id": image_id,
+            "x_min": box[0],
+            "y_min": box[1],
+            "x_max": box[2],
+            "y_max": box[3],
+            "score": box[4],
+        }
+        for image_id, boxes in zip(image_ids, preds, strict=True)
+        for box in boxes
+    ]
+
+
+def _score_detector(
+    name: str,
+    preds: Sequence[FloatArray],
+    gts: Sequence[FloatArray],
+    patients: Sequence[str],
+    groups: Mapping[str, Sequence[str]],
+    lesion_bands: Sequence[Sequence[str]],
+    n_boot: int,
+    with_subgroup_keys: bool = True,
+) -> tuple[dict[str, float], dict[str, object]]:
+    """Headline metrics (flat) and the detailed tables (subgroups, lesion sizes, operating point)."""
+    metrics = evaluate_detections(preds, gts, patient_ids=patients, n_boot=n_boot, seed=0)
+    subgroups = subgroup_metrics(preds, gts, groups, patients, n_boot=n_boot, seed=0)
+    threshold = operating_threshold(preds, gts, 1.0)
+    sizes = lesion_sensitivity(preds, gts, lesion_bands, threshold)
+    order = [band for band, _ in SIZE_BANDS_MM] + [SIZE_BAND_LARGEST]
+    size_table = {band: list(sizes[band]) for band in order if band in sizes}
+    if with_subgroup_keys:
+        metrics.update(flatten_subgroups(subgroups))
+    for band, (found, total) in sizes.items():
+        metrics[f"lesion_size.{metric_key_part(band)}.sens_at_1fp"] = found / total
+    metrics["threshold_at_1fp"] = threshold
+    details = {
+        "name": name,
+        "subgroups": subgroups,
+        "lesion_size_at_1fp": size_table,
+        "threshold_at_1fp": threshold,
+    }
+    return metrics, details
+
+
+def _write_froc_csv(curve: FrocResult, path: Path) -> None:
+    """The curve as data for `dvc plots` (one row per operating point)."""
+    rows = ["fps_per_image,sensitivity,threshold"]
+    for x, y, t in zip(
+        curve["fps_per_image"], curve["sensitivity"], curve["thresholds"], strict=True
+    ):
+        rows.append(f"{x:.6g},{y:.6g},{t:.6g}")
+    path.write_text("\n".join(rows) + "\n")
+
+
+def run(
+    layout: Layout,
+    params: TestParams,
+    input_size: int,
+    spacing_mm: float = 1.4,
+    n_boot: int = 200,
+) -> dict[str, float]:
+    """Stage edge: model + test split -> metrics.json, predictions, plots and the report's tables.
+
+    The deep model is scored in original DICOM pixels (boxes mapped back through the inverse
+    letterbox geometry). With `params.baseline.enabled`, the classical detector is fitted on the
+    train split and scored on the same test images by the same code; its metrics are the
+    `baseline_*` keys, and `ap50_minus_baseline` comes with a paired patient-level bootstrap
+    interval. Subgroup and lesion-size metrics are flat keys (`subgroup.<attribute>.<value>.*`,
+    `lesion_size.<band>.*`) and, with display names, `reports/test_details.json`.
+    """
     import keras
     import pandas as pd
 
+    from pipeline_steps.baseline import finalize, fit_baseline
     from pipeline_steps.model import predict_boxes
     from pipeline_steps.preprocess import geometry_of, load_split
 
@@ -697,62 +1109,124 @@ def run(layout: Layout, params: TestParams, input_size: int, n_boot: int = 200) 
     curve_params = params.model_copy(update={"score_threshold": params.metrics_score_floor})
     labels = pd.read_parquet(layout.labels).dropna(subset=["x_min"])
     truth = {
-        k: g[["x_min", "y_min", "x_max", "y_max"]].to_numpy(float)
+        str(k): g[["x_min", "y_min", "x_max", "y_max"]].to_numpy(float)
         for k, g in labels.groupby("image_id")
     }
+    records = split.manifest.to_dict("records")
+    image_ids = [str(r["image_id"]) for r in records]
+    geometries = [geometry_of(r, input_size) for r in records]
+    gts = [truth.get(i, np.zeros((0, 4))) for i in image_ids]
+    patients = [str(r["patient_pseudonym"]) for r in records]
 
-    preds: list[np.ndarray] = []
-    gts: list[np.ndarray] = []
-    rows: list[dict[str, object]] = []
+    positives = sorted((i for i, g in zip(image_ids, gts, strict=True) if len(g)))[:GRID_POSITIVES]
+    negatives = sorted((i for i, g in zip(image_ids, gts, strict=True) if not len(g)))
+    grid_ids = positives + negatives[:GRID_NEGATIVES]
+    grid_images: dict[str, np.ndarray] = {}
+
+    deep_input: list[np.ndarray] = []
     batch: list[np.ndarray] = []
-    order = split.manifest.to_dict("records")
-
-    def flush(start: int) -> None:
-        for offset, boxes in enumerate(predict_boxes(model, np.stack(batch), curve_params)):
-            record = order[start + offset]
-            original = (
-                geometry_of(record, input_size).inverse(boxes[:, :4])
-                if len(boxes)
-                else np.zeros((0, 4))
-            )
-            scored = np.column_stack([original, boxes[:, 4]]) if len(boxes) else np.zeros((0, 5))
-            preds.append(scored)
-            gts.append(truth.get(str(record["image_id"]), np.zeros((0, 4))))
-            for box in scored:
-                rows.append(
-                    {
-                        "image_id": record["image_id"],
-                        "x_min": box[0],
-                        "y_min": box[1],
-                        "x_max": box[2],
-                        "y_max": box[3],
-                        "score": box[4],
-                    }
-                )
-        batch.clear()
-
-    start = 0
-    for image, _ in split.examples():
+    for k, (image, _) in enumerate(split.examples()):
         batch.append(image)
-        if len(batch) == 32:
-            flush(start)
-            start += 32
-    if batch:
-        flush(start)
+        if image_ids[k] in grid_ids:
+            grid_images[image_ids[k]] = image
+        if len(batch) == 32 or k == len(records) - 1:
+            deep_input.extend(predict_boxes(model, np.stack(batch), curve_params))
+            batch.clear()
+    deep = [_to_original(b, g) for b, g in zip(deep_input, geometries, strict=True)]
 
-    patients = [str(r["patient_pseudonym"]) for r in order]
-    metrics = evaluate_detections(preds, gts, patient_ids=patients, n_boot=n_boot, seed=0)
+    metadata = pd.read_parquet(layout.metadata).set_index("image_id")
+    meta = metadata.reindex(image_ids)
+    groups = {
+        "sex": [str(v) if isinstance(v, str) and v else "unknown" for v in meta["sex"]],
+        "age_band": [age_band(float(v)) if pd.notna(v) else "unknown" for v in meta["age_years"]],
+        "view_position": [
+            str(v) if isinstance(v, str) and v else "unknown" for v in meta["view_position"]
+        ],
+        "manufacturer": [
+            str(v) if isinstance(v, str) and v else "unknown" for v in meta["manufacturer"]
+        ],
+    }
+    spacing_x = meta["spacing_col_mm"].astype(float).to_numpy()
+    spacing_y = meta["spacing_row_mm"].astype(float).to_numpy()
+    lesion_bands = [
+        [size_band(((b[2] - b[0]) * spacing_x[i] + (b[3] - b[1]) * spacing_y[i]) / 2) for b in g]
+        for i, g in enumerate(gts)
+    ]
+
+    metrics, deep_details = _score_detector(
+        "deep", deep, gts, patients, groups, lesion_bands, n_boot
+    )
+    details: dict[str, object] = {
+        "deep": deep_details,
+        "n_patients": len(set(patients)),
+        "grid_ids": grid_ids,
+        "operating_threshold": params.score_threshold,
+    }
+    baseline: list[FloatArray] | None = None
+    baseline_input: list[FloatArray] = []
+    if params.baseline.enabled:
+        detector = fit_baseline(
+            load_split(layout.processed, "train").examples(), params.baseline, spacing_mm
+        )
+        baseline_input = [
+            finalize(
+                detector(image), params.metrics_score_floor, params.nms_iou, params.max_detections
+            )
+            for image, _ in split.examples()
+        ]
+        baseline = [_to_original(b, g) for b, g in zip(baseline_input, geometries, strict=True)]
+        # The baseline's subgroups stay in test_details.json: in metrics.json they would double
+        # the keys for a comparison the report already shows.
+        base_metrics, base_details = _score_detector(
+            "classical", baseline, gts, patients, groups, lesion_bands, 0, with_subgroup_keys=False
+        )
+        base_ci = bootstrap_cis(CI_METRICS, baseline, gts, patients, n_boot=n_boot, seed=0)
+        for name, (low, high) in base_ci.items():
+            base_metrics[f"{name}_ci_low"], base_metrics[f"{name}_ci_high"] = low, high
+        metrics.update({f"baseline_{k}": v for k, v in base_metrics.items()})
+        metrics["ap50_minus_baseline"] = metrics["ap50"] - metrics["baseline_ap50"]
+        low, high = paired_bootstrap_ci(_ap50, deep, baseline, gts, patients, n_boot=n_boot)
+        metrics["ap50_minus_baseline_ci_low"], metrics["ap50_minus_baseline_ci_high"] = low, high
+        details["baseline"] = base_details
+        details["baseline_radius_per_sigma"] = detector.radius_per_sigma
+
     layout.reports.mkdir(parents=True, exist_ok=True)
     layout.plots.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(
-        rows, columns=["image_id", "x_min", "y_min", "x_max", "y_max", "score"]
-    ).to_parquet(layout.predictions, index=False)
-    clean = {
-        k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()
-    }
-    layout.metrics.write_text(json.dumps(clean, indent=2, sort_keys=True))
-    curve = froc(preds, gts)
-    plot_froc(curve, layout.plots / "froc.png")
-    plot_pr(preds, gts, layout.plots / "pr.png")
-    plot_calibration(calibration_curve(preds, gts), layout.plots / "calibration.png")
+    columns = ["image_id", "x_min", "y_min", "x_max", "y_max", "score"]
+    pd.DataFrame(_prediction_rows(image_ids, deep), columns=columns).to_parquet(
+        layout.predictions, index=False
+    )
+    if baseline is not None:
+        pd.DataFrame(_prediction_rows(image_ids, baseline), columns=columns).to_parquet(
+            baseline_predictions_path(layout), index=False
+        )
+    layout.metrics.write_text(json.dumps(_finite_or_none(metrics), indent=2, sort_keys=True))
+    details_path(layout).write_text(json.dumps(_finite_or_none(details), indent=2))
+
+    others = {"classical baseline": baseline} if baseline is not None else {}
+    deep_curve = froc(deep, gts)
+    other_curves = {k: froc(v, gts) for k, v in others.items()}
+    _write_froc_csv(deep_curve, layout.plots / "froc_deep.csv")
+    for curve in other_curves.values():
+        _write_froc_csv(curve, layout.plots / "froc_baseline.csv")
+    plot_froc(deep_curve, layout.plots / "froc.png", others=other_curves, label="deep model")
+    plot_pr(deep, gts, layout.plots / "pr.png", others=others, label="deep model")
+    plot_calibration(calibration_curve(deep, gts), layout.plots / "calibration.png")
+
+    # The grid shows each detector at its own 1 FP/image operating point on this test split.
+    position = {image_id: k for k, image_id in enumerate(image_ids)}
+    shown = [position[i] for i in grid_ids]
+    cut = {"deep model": (deep_input, float(metrics["threshold_at_1fp"]))}
+    if baseline is not None:
+        cut["classical baseline"] = (baseline_input, float(metrics["baseline_threshold_at_1fp"]))
+    plot_detection_grid(
+        [grid_images[i] for i in grid_ids],
+        [geometries[k].forward(gts[k]) if len(gts[k]) else np.zeros((0, 4)) for k in shown],
+        {
+            name: [boxes[k][boxes[k][:, 4] >= threshold] for k in shown]
+            for name, (boxes, threshold) in cut.items()
+        },
+        grid_path(layout),
+        titles=[f"{i[:10]} ({len(gts[position[i]])} lesions)" for i in grid_ids],
+    )
     return metrics

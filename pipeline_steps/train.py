@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from pipeline_steps.config import TestParams, TrainParams
-from pipeline_steps.errors import DataError
+from pipeline_steps.errors import ConfigError, DataError
 from pipeline_steps.evaluate import average_precision
 from pipeline_steps.model import (
     STRIDE,
@@ -69,6 +70,42 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------
 
 
+class RandomCrop:
+    """Cut a `size` x `size` window; boxes move with it.
+
+    With probability `lesion_p`, when the image has boxes, the window is placed at random
+    among the positions that hold one randomly chosen box whole (positive oversampling:
+    lesions are a small share of the pixels); otherwise anywhere. Boxes whose visible part
+    falls below half their area are dropped; the rest are clipped to the window.
+    """
+
+    def __init__(self, size: int, lesion_p: float = 0.5) -> None:
+        self.size, self.lesion_p = size, lesion_p
+
+    def __call__(
+        self, image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        rows, cols = image.shape
+        if self.size >= rows and self.size >= cols:
+            return image, boxes
+        span = [cols - self.size, rows - self.size]  # largest x0, y0
+        corner = [int(rng.integers(0, s + 1)) for s in span]
+        if len(boxes) and rng.random() < self.lesion_p:
+            box = boxes[int(rng.integers(len(boxes)))]
+            for axis in (0, 1):
+                lo = max(0, math.ceil(box[axis + 2]) - self.size)
+                hi = min(span[axis], math.floor(box[axis]))
+                if lo <= hi:  # a box larger than the window keeps the uniform corner
+                    corner[axis] = int(rng.integers(lo, hi + 1))
+        x0, y0 = corner
+        crop = image[y0 : y0 + self.size, x0 : x0 + self.size]
+        moved = boxes - np.array([x0, y0, x0, y0], np.float32)
+        clipped = np.clip(moved, 0, self.size)
+        area = (moved[:, 2] - moved[:, 0]) * (moved[:, 3] - moved[:, 1])
+        visible = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+        return crop, clipped[visible >= 0.5 * area].astype(np.float32)
+
+
 class RandomHorizontalFlip:
     """Mirror left-right with probability p; box x coordinates follow."""
 
@@ -111,7 +148,7 @@ class RandomScaleShift:
         c = (size - 1) / 2
         out = ndimage.affine_transform(
             image,
-            np.diag([1 / s, 1 / s]),
+            np.array([1 / s, 1 / s]),  # a diagonal given as a vector takes the fast zoom path
             offset=(c - (c + ty) / s, c - (c + tx) / s),
             order=1,
             mode="constant",
@@ -179,6 +216,31 @@ def default_augmentation() -> Compose:
     return Compose([RandomHorizontalFlip(), RandomScaleShift(), RandomIntensity(), GaussianNoise()])
 
 
+def training_transform(params: TrainParams, input_size: int) -> Compose | None:
+    """What each training example goes through: the crop (if any), then the augmentation.
+
+    The crop comes first so that the augmentation only works on the pixels that are kept.
+    """
+    steps: list[Any] = []
+    if 0 < params.crop_size < input_size:
+        steps.append(RandomCrop(params.crop_size, params.lesion_crop_fraction))
+    if params.augment:
+        steps.extend(default_augmentation().transforms)
+    return Compose(steps) if steps else None
+
+
+def sample_size(params: TrainParams, input_size: int) -> int:
+    """Side of the training samples: the crop size, or the whole image."""
+    return min(params.crop_size, input_size) if params.crop_size else input_size
+
+
+def samples_per_epoch(params: TrainParams, n_examples: int, input_size: int) -> int:
+    """Crops are drawn `crops_per_image` times per image and epoch; whole images once."""
+    return n_examples * (
+        params.crops_per_image if sample_size(params, input_size) < input_size else 1
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Input pipeline
 # --------------------------------------------------------------------------------------------
@@ -233,7 +295,10 @@ def make_train_dataset(
     params: TrainParams,
     first_epoch: int = 0,
 ) -> tf.data.Dataset:
-    """Batches of (image (B,S,S,1), packed targets (B,S/4,S/4,6)) streamed from `examples`.
+    """Batches of (image (B,C,C,1), packed targets (B,C/4,C/4,6)) streamed from `examples`.
+
+    C is `params.crop_size` when training on crops (each image then yields
+    `params.crops_per_image` crops per epoch, see `training_transform`), else the input size.
 
     Each pass over the dataset is one epoch; its shuffle and augmentation are seeded from
     (params.seed, epoch), counting from `first_epoch`. Keras opens the next pass as soon as
@@ -242,27 +307,32 @@ def make_train_dataset(
     import tensorflow as tf
 
     epochs = itertools.count(first_epoch)
-    augment = default_augmentation() if params.augment else None
-    n_cells = input_size // STRIDE
+    transform = training_transform(params, input_size)
+    size = sample_size(params, input_size)
+    repeats = samples_per_epoch(params, 1, input_size)
+    n_cells = size // STRIDE
 
     def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         rng = np.random.default_rng([params.seed, next(epochs)])
-        for raw in shuffled(examples(), params.shuffle_buffer, rng):
+        # Each image enters the shuffle `repeats` times (the same array, not copies), so its
+        # crops land in different batches.
+        repeated = (raw for raw in examples() for _ in range(repeats))
+        for raw in shuffled(repeated, params.shuffle_buffer, rng):
             image, boxes = check_example(*raw, input_size)
-            if augment is not None:
-                image, boxes = augment(image, boxes, rng)
-            yield image[..., None], pack_targets(encode_targets(boxes, input_size))
+            if transform is not None:
+                image, boxes = transform(image, boxes, rng)
+            yield image[..., None], pack_targets(encode_targets(boxes, size))
 
     dataset = tf.data.Dataset.from_generator(
         generate,
         output_signature=(
-            tf.TensorSpec((input_size, input_size, 1), tf.float32),
+            tf.TensorSpec((size, size, 1), tf.float32),
             tf.TensorSpec((n_cells, n_cells, 6), tf.float32),
         ),
     )
     # A known length lets Keras size epochs and the schedule; a source that yields a different
     # count fails loudly instead of silently shortening epochs.
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(n_examples))
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(n_examples * repeats))
     return dataset.batch(params.batch_size).prefetch(2)
 
 
@@ -413,6 +483,10 @@ class _EpochHandler:
         self.input_size = input_size
         self.on_epoch_end = on_epoch_end
         self.epochs_run = 0
+        self.epoch_started = time.monotonic()
+
+    def begin_epoch(self) -> None:
+        self.epoch_started = time.monotonic()
 
     def end_epoch(self, model: keras.Model, epoch: int, keras_logs: dict[str, Any]) -> bool:
         """Handle the end of 0-based `epoch`; returns True when training should stop."""
@@ -428,6 +502,8 @@ class _EpochHandler:
                 self.params.val_iou,
             )
             logs.update({f"val_{k}": v for k, v in val.items()})
+        # Wall time of the epoch's training and validation (the time budget is in these).
+        logs["epoch_seconds"] = time.monotonic() - self.epoch_started
         state = self.state
         for key, value in logs.items():
             state.history.setdefault(key, []).append(value)
@@ -523,7 +599,13 @@ def train_detector(
         tf.config.experimental.enable_op_determinism()
     keras_losses()  # registers the loss so compiled checkpoints load
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    steps_per_epoch = math.ceil(n_train / params.batch_size)
+    multiple = 2 ** (params.depth + 1)
+    if sample_size(params, input_size) % multiple:
+        raise ConfigError(
+            f"train.crop_size {params.crop_size} must be a multiple of {multiple} for "
+            f"train.depth={params.depth} (or 0 for whole images)"
+        )
+    steps_per_epoch = math.ceil(samples_per_epoch(params, n_train, input_size) / params.batch_size)
 
     fingerprint = _fingerprint(params, input_size, n_train)
     state = _read_state(checkpoint_dir, fingerprint)
@@ -554,6 +636,9 @@ def train_detector(
     if needs_training:
 
         class _Callback(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+                handler.begin_epoch()
+
             def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
                 if handler.end_epoch(self.model, epoch, logs or {}):
                     self.model.stop_training = True
@@ -616,6 +701,7 @@ def run(
             "both need at least one. Ingest more labelled studies or adjust preprocess.split."
         )
     checkpoint_dir = layout.checkpoints / checkpoint_key(layout.manifest, params, input_size)
+    started = time.monotonic()
     result = train_detector(
         train_split.examples,
         len(train_split),
@@ -638,6 +724,8 @@ def run(
                 "resumed_from_epoch": result.resumed_from_epoch,
                 "n_train": len(train_split),
                 "n_val": len(val_split),
+                # This call only; history["epoch_seconds"] covers resumed epochs too.
+                "train_seconds": round(time.monotonic() - started, 1),
             },
             indent=2,
         )

@@ -22,10 +22,22 @@ TINY_PARAMS = {
 }
 
 
-def _radflow(workspace: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _embedded_env() -> dict[str, str]:
+    """The embedded defaults, whatever earlier tests in this process exported (mlflow.set_tracking_uri
+    sets MLFLOW_TRACKING_URI in os.environ, for one)."""
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("PREFECT_API_URL", None)
+    for name in (
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_S3_ENDPOINT_URL",
+        "PREFECT_API_URL",
+        "RADFLOW_LEDGER_URL",
+    ):
+        env.pop(name, None)
+    return env
+
+
+def _radflow(workspace: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = _embedded_env()
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", "--workspace", str(workspace), *args],
         capture_output=True,
@@ -108,7 +120,7 @@ def test_no_phi_leaves_ingestion(trained):
 def test_dvc_repro_runs_the_same_stages_without_prefect(trained):
     ws, _ = trained
     manifest_before = pd.read_parquet(ws / "data" / "processed" / "manifest.parquet")
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = _embedded_env()
     status = subprocess.run(
         [sys.executable, "-m", "dvc", "status"], cwd=ws, capture_output=True, text=True, env=env
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ import pytest
 from pipeline_steps.config import TestParams, TrainParams
 from pipeline_steps.errors import DataError
 from pipeline_steps.model import predict_boxes
-from pipeline_steps.train import TrainResult, train_detector
+from pipeline_steps.train import TrainResult, evaluate_detector, train_detector
 
 pytestmark = pytest.mark.slow
 
@@ -129,15 +129,25 @@ def test_changed_params_start_over(tmp_path: Path) -> None:
 
 
 def test_early_stopping_restores_the_best_epoch(tmp_path: Path) -> None:
-    # A learning rate this high wrecks the model after the first epochs; patience 1 stops it.
-    params = TINY.model_copy(
-        update={"epochs": 6, "patience": 1, "learning_rate": 5.0, "monitor": "val_loss"}
-    )
-    result = _train(tmp_path, params)
+    # From the third epoch on, the validation boxes sit where the discs are not (x and y
+    # swapped) and the discs go unlabelled: the better the model, the worse that loss, so the
+    # validation loss must rise there whatever the optimiser does; patience 1 then stops.
+    train, good = make_discs(16, seed=1), make_discs(8, seed=2)
+    bad = [(image, boxes[:, [1, 0, 3, 2]]) for image, boxes in good]
+    calls = []
+
+    def val() -> Iterator:
+        calls.append(1)
+        return iter(good if len(calls) <= 2 else bad)
+
+    params = TINY.model_copy(update={"epochs": 8, "patience": 1, "monitor": "val_loss"})
+    result = train_detector(lambda: iter(train), 16, val, 8, params, THRESHOLD, S, tmp_path)
     val_loss = result.history["val_loss"]
-    assert result.stopped_early and result.epochs_run < 6
-    assert result.best_epoch == int(np.argmin(val_loss))
-    assert len(val_loss) == result.best_epoch + 2  # stopped one epoch after the best
+    assert result.stopped_early and result.epochs_run == 3 == len(val_loss)
+    assert result.best_epoch == int(np.argmin(val_loss)) == 1
+    # The returned model carries the best epoch's weights, not the last epoch's.
+    again = evaluate_detector(result.model, lambda: iter(good), S, THRESHOLD, 8, 0.3)
+    assert again["loss"] == pytest.approx(val_loss[1], rel=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -198,16 +208,121 @@ def test_blank_images_give_no_boxes(detector: TrainResult) -> None:
     assert all(len(d) == 0 for d in predict_boxes(detector.model, blanks, THRESHOLD))
 
 
-def test_brighter_bigger_disc_scores_higher(detector: TrainResult) -> None:
-    background = _background(np.random.default_rng(13))
-    strong = _add_disc(background, 32.0, 32.0, 6.0, 0.55)
-    faint = _add_disc(background, 32.0, 32.0, 3.0, 0.12)
+def _score_near(model: object, images: np.ndarray, cx: float, cy: float) -> list[float]:
+    """Best score of a box centred within 6 px of (cx, cy) per image (0 if none)."""
     anything = TestParams(score_threshold=0.01)
     scores = []
-    for dets in predict_boxes(detector.model, np.stack([strong, faint]), anything):
-        near = dets[
-            np.hypot((dets[:, 0] + dets[:, 2]) / 2 - 32, (dets[:, 1] + dets[:, 3]) / 2 - 32) < 6
-        ]
+    for dets in predict_boxes(model, images, anything):  # type: ignore[arg-type]
+        centres = np.stack([(dets[:, 0] + dets[:, 2]) / 2, (dets[:, 1] + dets[:, 3]) / 2], axis=1)
+        near = dets[np.hypot(centres[:, 0] - cx, centres[:, 1] - cy) < 6]
         scores.append(float(near[:, 4].max()) if len(near) else 0.0)
-    assert scores[0] > THRESHOLD.score_threshold
-    assert scores[0] > scores[1] + 0.2
+    return scores
+
+
+def test_bigger_lesion_scores_higher(detector: TrainResult) -> None:
+    # Same contrast, growing radius: from barely visible to plainly there. The score must not
+    # fall as the lesion grows (small tolerance), and the biggest must clear the threshold.
+    background = _background(np.random.default_rng(13))
+    radii = (2.0, 3.0, 4.5, 6.5)
+    images = np.stack([_add_disc(background, 32.0, 32.0, r, 0.3) for r in radii])
+    scores = _score_near(detector.model, images, 32.0, 32.0)
+    assert all(b >= a - 0.05 for a, b in zip(scores, scores[1:], strict=False)), scores
+    assert scores[-1] > THRESHOLD.score_threshold and scores[-1] > scores[0] + 0.2, scores
+
+
+def test_fainter_lesion_scores_lower(detector: TrainResult) -> None:
+    background = _background(np.random.default_rng(14))
+    contrasts = (0.5, 0.3, 0.15, 0.05)
+    images = np.stack([_add_disc(background, 30.0, 34.0, 5.0, c) for c in contrasts])
+    scores = _score_near(detector.model, images, 30.0, 34.0)
+    assert all(b <= a + 0.05 for a, b in zip(scores, scores[1:], strict=False)), scores
+    assert scores[0] > THRESHOLD.score_threshold and scores[0] > scores[-1] + 0.2, scores
+
+
+def test_most_negative_images_give_no_box_above_the_operating_threshold(
+    detector: TrainResult,
+) -> None:
+    negatives = np.stack([image for image, boxes in make_discs(40, seed=21) if len(boxes) == 0])
+    with_boxes = sum(len(d) > 0 for d in predict_boxes(detector.model, negatives, THRESHOLD))
+    assert with_boxes <= 0.1 * len(negatives)
+
+
+def test_flip_tta_makes_flipped_boxes_exact_mirrors(detector: TrainResult) -> None:
+    top = TestParams(score_threshold=0.05, max_detections=1, flip_tta=True)
+    rng = np.random.default_rng(15)
+    images = np.stack(
+        [_add_disc(_background(rng), cx, 30.0, 5.0, 0.45) for cx in (14.0, 27.5, 41.0)]
+    )
+    plain = predict_boxes(detector.model, images, top)
+    mirrored = predict_boxes(detector.model, images[:, :, ::-1].copy(), top)
+    for dets, flipped in zip(plain, mirrored, strict=True):
+        x0, y0, x1, y1 = flipped[0, :4]
+        np.testing.assert_allclose([S - x1, y0, S - x0, y1], dets[0, :4], atol=1e-3)
+        assert flipped[0, 4] == pytest.approx(dets[0, 4], abs=1e-5)
+
+
+# -- the real reader and preprocessing --------------------------------------------------------
+
+
+def _stored(display: np.ndarray) -> np.ndarray:
+    """12-bit stored values whose display (window centre 2047.5, width 4096) is `display`."""
+    return np.clip(np.rint(display * 4095), 0, 4095).astype(np.uint16)
+
+
+def test_monochrome1_and_monochrome2_files_give_identical_predictions(
+    detector: TrainResult, tmp_path: Path, make_dicom: Callable[..., Path]
+) -> None:
+    """The same picture stored both ways goes through validate and preprocess, the real DICOM
+    path, and must reach the model as the same tensor: the same boxes, to the bit."""
+    import pandas as pd
+
+    from pipeline_steps import preprocess, validate
+    from pipeline_steps.config import IngestParams, PreprocessParams, ValidateParams
+    from pipeline_steps.ingest import NO_FINDING
+    from pipeline_steps.layout import Layout
+
+    # 256 px at 0.35 mm is 64 px at the 1.4 mm working spacing: the detector's size.
+    native = 4
+    rng = np.random.default_rng(16)
+    blank = np.kron(_background(rng), np.ones((native, native), np.float32))
+    yy, xx = np.mgrid[: S * native, : S * native] + 0.5
+    lesion = blank + 0.45 * (np.hypot(xx - 40 * native, yy - 24 * native) <= 5 * native)
+    layout = Layout(tmp_path)
+    rows = []
+    window = (2047.5, 4096.0)
+    for name, picture, box in (("pos", lesion, [140, 76, 180, 116]), ("neg", blank, None)):
+        stored = _stored(np.clip(picture, 0, 1))
+        for photometric, pixels in (("MONOCHROME2", stored), ("MONOCHROME1", 4095 - stored)):
+            image_id = f"{name}-{photometric.lower()}"
+            make_dicom(
+                layout.raw_images / f"{image_id}.dcm",
+                pixels,
+                photometric=photometric,
+                window=window,
+                patient_id="P1",
+            )
+            rows.append([image_id, "opacity", *box] if box else [image_id, NO_FINDING, *[None] * 4])
+    pd.DataFrame(rows, columns=["image_id", "label", "x_min", "y_min", "x_max", "y_max"]).to_csv(
+        layout.raw_labels, index=False
+    )
+    validate.run(layout, IngestParams(), ValidateParams(min_images=2))
+    preprocess.run(layout, PreprocessParams(input_size=S, target_spacing_mm=1.4, workers=1))
+    tensors: dict[str, np.ndarray] = {}
+    for split in ("train", "val", "test"):
+        part = preprocess.load_split(layout.processed, split)
+        for record, (image, _) in zip(
+            part.manifest.to_dict("records"), part.examples(), strict=True
+        ):
+            tensors[str(record["image_id"])] = image
+    assert len(tensors) == 4
+
+    anything = TestParams(score_threshold=0.01)
+    for name in ("pos", "neg"):
+        m2, m1 = tensors[f"{name}-monochrome2"], tensors[f"{name}-monochrome1"]
+        np.testing.assert_array_equal(m1, m2)
+        boxes_m2, boxes_m1 = predict_boxes(detector.model, np.stack([m2, m1]), anything)
+        np.testing.assert_array_equal(boxes_m1, boxes_m2)
+    # The lesion was found where it was drawn (so the equality above is about real boxes).
+    (found,) = predict_boxes(detector.model, tensors["pos-monochrome2"][None], THRESHOLD)
+    assert len(found) >= 1
+    np.testing.assert_allclose(found[0, :4], [35, 19, 45, 29], atol=3.0)

@@ -6,21 +6,34 @@ import contextlib
 import io
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from pipeline_steps.evaluate import (
+    age_band,
     average_precision,
     bootstrap_ci,
+    bootstrap_cis,
     box_iou,
     calibration_curve,
     coco_map,
     evaluate_detections,
+    flatten_subgroups,
     froc,
     image_auroc,
+    lesion_sensitivity,
+    metric_key_part,
+    operating_threshold,
+    paired_bootstrap_ci,
+    plot_detection_grid,
+    plot_froc,
+    plot_pr,
     rsna_score,
+    size_band,
+    subgroup_metrics,
 )
 
 NO_PREDS = np.empty((0, 5))
@@ -521,10 +534,165 @@ def test_evaluate_detections_keys_and_values() -> None:
 def test_evaluate_detections_bootstrap_and_empty_predictions() -> None:
     preds, gts = synthetic_detections(30, seed=3)
     metrics = evaluate_detections(preds, gts, patient_ids=[i // 3 for i in range(30)], n_boot=30)
-    for name in ("ap50", "cpm"):
+    for name in ("ap50", "cpm", "sens_at_1fp", "auroc"):
         assert metrics[f"{name}_ci_low"] <= metrics[name] <= metrics[f"{name}_ci_high"]
     # A detector that predicts nothing: zeros where defined, chance-level AUROC.
     blank = evaluate_detections([NO_PREDS] * len(gts), gts)
     assert blank["ap50"] == blank["map"] == blank["cpm"] == blank["rsna"] == 0.0
     assert blank["auroc"] == 0.5
     assert blank["n_pred"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Several metrics and paired differences from one bootstrap
+
+
+def test_bootstrap_cis_equal_separate_runs_with_the_same_seed() -> None:
+    preds, gts = synthetic_detections(24, seed=5)
+    patients = [i // 2 for i in range(24)]
+    both = bootstrap_cis(
+        {"ap50": ap50, "auroc": image_auroc}, preds, gts, patients, n_boot=40, seed=9
+    )
+    assert both["ap50"] == bootstrap_ci(ap50, preds, gts, patients, n_boot=40, seed=9)
+    assert both["auroc"] == bootstrap_ci(image_auroc, preds, gts, patients, n_boot=40, seed=9)
+
+
+def test_paired_bootstrap_of_a_detector_against_itself_is_zero() -> None:
+    preds, gts = synthetic_detections(20, seed=6)
+    assert paired_bootstrap_ci(ap50, preds, preds, gts, n_boot=30) == (0.0, 0.0)
+
+
+def test_paired_bootstrap_sees_a_difference_that_separate_intervals_blur() -> None:
+    # Detector B is A with one found lesion in four lost: always a little worse, patient by
+    # patient. Its interval overlaps A's, but the paired difference stays above zero.
+    preds, gts = synthetic_detections(80, seed=7)
+    worse = []
+    for i, (p, g) in enumerate(zip(preds, gts, strict=True)):
+        hits = (
+            box_iou(p[:, :4], g).max(axis=1) >= 0.5 if len(g) and len(p) else np.zeros(len(p), bool)
+        )
+        worse.append(p[~hits] if i % 8 == 0 else p)
+    a = bootstrap_ci(ap50, preds, gts, n_boot=100)
+    b = bootstrap_ci(ap50, worse, gts, n_boot=100)
+    low, high = paired_bootstrap_ci(ap50, preds, worse, gts, n_boot=100)
+    assert b[1] > a[0]  # the separate intervals overlap
+    assert 0.0 < low <= high
+    assert low <= ap50(preds, gts) - ap50(worse, gts) <= high
+
+
+# --------------------------------------------------------------------------------------------------
+# Subgroups, operating point and lesion strata
+
+
+def test_subgroup_metrics_score_each_group_as_its_own_test_set() -> None:
+    preds, gts = froc_hand_case()
+    groups = {"site": ["A", "B"]}
+    table = subgroup_metrics(preds, gts, groups)
+    assert list(table["site"]) == ["A", "B"]
+    for k, site in enumerate("AB"):
+        alone = evaluate_detections([preds[k]], [gts[k]])
+        for metric in ("ap50", "sens_at_1fp", "cpm"):
+            assert table["site"][site][metric] == pytest.approx(alone[metric])
+        assert table["site"][site]["n_gt"] == len(gts[k])
+    # Image A has one FP at 0.8 before its second lesion is hit: within A alone, 1 FP/image
+    # reaches both a1 and a2 (the hit at 0.4), where the pooled curve only got a1 by then.
+    assert table["site"]["A"]["sens_at_1fp"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="groups"):
+        subgroup_metrics(preds, gts, {"site": ["A"]})
+
+
+def test_subgroups_are_listed_in_a_readable_order() -> None:
+    preds, gts = synthetic_detections(5, seed=1)
+    ages = ["65+", "unknown", "<50", "50-64", "<50"]
+    assert list(subgroup_metrics(preds, gts, {"age": ages})["age"]) == [
+        "<50", "50-64", "65+", "unknown",
+    ]  # fmt: skip
+    sexes = ["M", "F", "unknown", "F", "M"]
+    assert list(subgroup_metrics(preds, gts, {"sex": sexes})["sex"]) == ["F", "M", "unknown"]
+
+
+def test_subgroup_intervals_come_with_a_bootstrap() -> None:
+    preds, gts = synthetic_detections(24, seed=8)
+    table = subgroup_metrics(preds, gts, {"half": ["x"] * 12 + ["y"] * 12}, n_boot=30)
+    for entry in table["half"].values():
+        assert entry["ap50_ci_low"] <= entry["ap50"] <= entry["ap50_ci_high"]
+        assert entry["sens_at_1fp_ci_low"] <= entry["sens_at_1fp"] <= entry["sens_at_1fp_ci_high"]
+
+
+def test_flat_subgroup_keys_are_valid_metric_names() -> None:
+    table = {"manufacturer": {"Aurora Imaging": {"ap50": 0.5}}, "age_band": {"<50": {"n_gt": 3}}}
+    flat = flatten_subgroups(table)
+    assert flat == {
+        "subgroup.manufacturer.aurora_imaging.ap50": 0.5,
+        "subgroup.age_band.lt50.n_gt": 3.0,
+    }
+    assert (
+        metric_key_part("65+") == "65plus" and metric_key_part("Meridian X-Ray") == "meridian_x-ray"
+    )
+    assert metric_key_part("") == "unknown"
+
+
+@pytest.mark.parametrize(
+    ("age", "band"), [(18.0, "<50"), (49.9, "<50"), (50.0, "50-64"), (64.9, "50-64"), (65.0, "65+")]
+)
+def test_age_bands(age: float, band: str) -> None:
+    assert age_band(age) == band
+    assert age_band(float("nan")) == "unknown"
+
+
+def test_size_bands_at_their_edges() -> None:
+    assert [size_band(d) for d in (5.9, 8.0, 11.99, 12.0, 19.9, 20.0, 31.0)] == [
+        "<8mm", "8-12mm", "8-12mm", "12-20mm", "12-20mm", ">=20mm", ">=20mm",
+    ]  # fmt: skip
+
+
+def test_operating_threshold_and_lesion_sensitivity_hand_case() -> None:
+    # The hand case's curve reaches 1 FP/image at threshold 0.8 and keeps it down to 0.4.
+    preds, gts = froc_hand_case()
+    threshold = operating_threshold(preds, gts, 1.0)
+    assert threshold == pytest.approx(0.4)
+    assert operating_threshold(preds, gts, 0.5) == pytest.approx(0.85)
+    bands = [["small", "big"], ["big"]]
+    assert lesion_sensitivity(preds, gts, bands, threshold) == {"small": (1, 1), "big": (2, 2)}
+    # At 0.85 only a1 (score 0.9) is found.
+    assert lesion_sensitivity(preds, gts, bands, 0.85) == {"small": (1, 1), "big": (0, 2)}
+    with pytest.raises(ValueError, match="names"):
+        lesion_sensitivity(preds, gts, [["small"], ["big"]], threshold)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots with more than one detector
+
+
+def _pixels(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def _has_colour(rgb: np.ndarray, colour: tuple[int, int, int], tol: int = 40) -> bool:
+    return bool((np.abs(rgb - np.array(colour)).sum(axis=-1) < tol).any())
+
+
+def test_froc_and_pr_plots_draw_every_detector(tmp_path: Path) -> None:
+    preds, gts = synthetic_detections(20, seed=2)
+    other = [p[:1] for p in preds]
+    orange = (255, 127, 14)  # matplotlib tab:orange, the second detector's colour
+    plot_froc(froc(preds, gts), tmp_path / "alone.png")
+    plot_froc(froc(preds, gts), tmp_path / "both.png", others={"baseline": froc(other, gts)})
+    assert not _has_colour(_pixels(tmp_path / "alone.png"), orange)
+    assert _has_colour(_pixels(tmp_path / "both.png"), orange)
+    plot_pr(preds, gts, tmp_path / "pr.png", others={"baseline": other})
+    assert _has_colour(_pixels(tmp_path / "pr.png"), orange)
+
+
+def test_detection_grid_draws_truth_and_each_detector(tmp_path: Path) -> None:
+    images = [np.zeros((64, 64)), np.zeros((64, 64))]
+    gts = [np.array([[10.0, 10.0, 30.0, 30.0]]), np.zeros((0, 4))]
+    deep = [np.array([[12.0, 12.0, 28.0, 28.0, 0.9]]), np.zeros((0, 5))]
+    none = [np.zeros((0, 5)), np.zeros((0, 5))]
+    path = plot_detection_grid(images, gts, {"deep": deep, "other": none}, tmp_path / "g.png")
+    rgb = _pixels(path)
+    assert _has_colour(rgb, (0, 255, 0)) and _has_colour(rgb, (255, 0, 0))
+    with pytest.raises(ValueError, match="at least one"):
+        plot_detection_grid([], [], {}, tmp_path / "empty.png")

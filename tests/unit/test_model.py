@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -13,13 +15,17 @@ from pipeline_steps.model import (
     decode_detections,
     encode_targets,
     focal_heatmap_loss,
+    fuse_flipped,
     masked_l1_loss,
     pack_targets,
+    predict_outputs,
 )
 from pipeline_steps.train import (
+    RandomCrop,
     RandomHorizontalFlip,
     RandomScaleShift,
     make_train_dataset,
+    samples_per_epoch,
     shuffled,
 )
 
@@ -271,3 +277,104 @@ def test_decode_drops_non_finite_boxes() -> None:
     out[0, 3, 3, 1] = np.nan  # a diverged size head at the first peak
     (dets,) = decode_detections(out, TestParams(), S)
     assert np.isfinite(dets).all() and len(dets) == 1 and dets[0, 4] == pytest.approx(0.8)
+
+
+# -- crops --------------------------------------------------------------------------------------
+
+
+def test_lesion_crop_holds_the_lesion_and_its_box_follows() -> None:
+    image = _disc_image(50.0, 12.0, 4.0)
+    boxes = np.array([[46, 8, 54, 16]], np.float32)
+    crop = RandomCrop(32, lesion_p=1.0)
+    for seed in range(20):
+        out, moved = crop(image, boxes, np.random.default_rng(seed))
+        assert out.shape == (32, 32) and len(moved) == 1
+        assert (moved >= 0).all() and (moved <= 32).all()
+        np.testing.assert_allclose(moved[0, 2] - moved[0, 0], 8)  # whole, not clipped
+        assert _box_mean(out, moved[0]) > 0.6
+
+
+def test_random_crops_cover_the_image_and_drop_boxes_cut_in_half() -> None:
+    image = np.zeros((S, S), np.float32)
+    boxes = np.array([[0, 0, 10, 10]], np.float32)
+    crop = RandomCrop(32, lesion_p=0.0)
+    kept = []
+    for seed in range(40):
+        out, moved = crop(image, boxes, np.random.default_rng(seed))
+        assert out.shape == (32, 32)
+        kept.append(len(moved))
+    assert 0 in kept and 1 in kept  # the corner lesion is in some crops and not in others
+    # A crop as large as the image is the image itself.
+    same, same_boxes = RandomCrop(S)(image, boxes, np.random.default_rng(0))
+    assert same is image and same_boxes is boxes
+
+
+def test_crop_dataset_yields_crops_per_image_and_lesion_rich_batches() -> None:
+    rng = np.random.default_rng(1)
+    examples = []
+    for i in range(6):
+        image = rng.random((S, S), dtype=np.float32) * 0.2
+        examples.append(
+            (
+                image,
+                np.array([[40, 40, 48, 48]], np.float32) if i % 2 else np.zeros((0, 4), np.float32),
+            )
+        )
+    params = TrainParams(
+        batch_size=6, crop_size=32, crops_per_image=3, lesion_crop_fraction=1.0, augment=False
+    )
+    assert samples_per_epoch(params, len(examples), S) == 18
+    dataset = make_train_dataset(lambda: iter(examples), len(examples), S, params)
+    batches = list(dataset)
+    assert [int(x.shape[0]) for x, _ in batches] == [6, 6, 6]
+    assert all(x.shape[1:] == (32, 32, 1) for x, _ in batches)
+    # Every crop of a positive image holds its lesion: 3 positives x 3 crops = 9 centres.
+    assert sum(float(np.sum(t[..., 5])) for _, t in batches) == 9
+
+
+# -- flip test-time augmentation ----------------------------------------------------------------
+
+
+def test_fuse_flipped_aligns_cells_and_mirrors_offsets() -> None:
+    out = np.zeros((1, N_CELLS, N_CELLS, 5), np.float32)
+    mirrored = np.zeros_like(out)
+    # A peak at column 3 in the image is at column N_CELLS-1-3 in the mirror, with offset 1-o.
+    out[0, 5, 3] = (0.8, 2.0, 3.0, 0.25, 0.6)
+    mirrored[0, 5, N_CELLS - 1 - 3] = (0.6, 4.0, 3.0, 0.75, 0.4)
+    fused = fuse_flipped(out, mirrored)
+    np.testing.assert_allclose(fused[0, 5, 3], [0.7, 3.0, 3.0, 0.25, 0.5])
+    # Both views place the centre at x = (3 + 0.25) cells, so the fused box centre does too.
+    (dets,) = decode_detections(fused, TestParams(score_threshold=0.5), S)
+    assert (dets[0, 0] + dets[0, 2]) / 2 == pytest.approx(3.25 * STRIDE)
+
+
+def test_flip_tta_predictions_are_mirror_symmetric() -> None:
+    # Whatever the weights, TTA output for a mirrored image is the mirrored TTA output.
+    model = build_detector(S, TrainParams(width=4, depth=2))
+    image = np.random.default_rng(3).random((1, S, S), dtype=np.float32)
+    plain = predict_outputs(model, image, flip_tta=True)
+    mirror = predict_outputs(model, image[:, :, ::-1].copy(), flip_tta=True)
+    np.testing.assert_allclose(mirror[:, :, ::-1, :3], plain[:, :, :, :3], atol=1e-5)
+    np.testing.assert_allclose(1 - mirror[:, :, ::-1, 3], plain[:, :, :, 3], atol=1e-5)
+    # Without TTA a random network is not symmetric: the property comes from the fusion.
+    raw = predict_outputs(model, image)
+    raw_mirror = predict_outputs(model, image[:, :, ::-1].copy())
+    assert not np.allclose(raw_mirror[:, :, ::-1, 0], raw[:, :, :, 0], atol=1e-5)
+
+
+def test_fully_convolutional_detector_predicts_other_sizes() -> None:
+    model = build_detector(S, TrainParams(width=4, depth=2))
+    out = predict_outputs(model, np.zeros((2, 2 * S, 2 * S), np.float32))
+    assert out.shape == (2, 2 * N_CELLS, 2 * N_CELLS, 5)
+
+
+def test_crop_size_must_suit_the_network_depth(tmp_path: Path) -> None:
+    from pipeline_steps.errors import ConfigError
+    from pipeline_steps.train import train_detector
+
+    examples = [(np.zeros((S, S), np.float32), np.zeros((0, 4), np.float32))]
+    params = TrainParams(width=4, depth=2, crop_size=36)  # not a multiple of 8
+    with pytest.raises(ConfigError, match="train.crop_size"):
+        train_detector(
+            lambda: iter(examples), 1, lambda: iter([]), 0, params, TestParams(), S, tmp_path
+        )

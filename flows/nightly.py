@@ -1,0 +1,413 @@
+"""The nightly retraining flow: sync the landing location, version and push new studies, decide, retrain
+and gate when something changed, and always leave a run summary.
+
+Two overlapping runs never sync, train or promote at once: a run holds the workspace's lock file and,
+with a Prefect server, the global concurrency limit `nightly.concurrency_limit` (which also covers
+workers on other machines sharing the registry). A run that cannot get them within
+`nightly.lock_wait_s` is skipped, and says so in its summary.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows import decision, landing, versioning, workspace
+from pipeline_steps.config import NightlyParams, Params
+from pipeline_steps.errors import RadflowError, WorkspaceError
+from pipeline_steps.layout import Layout
+
+log = logging.getLogger("radflow")
+
+FLOW_NAME = "nightly_retraining"
+DEPLOYMENT_NAME = "radflow-nightly"
+RUN_LOG = "nightly.jsonl"
+ARTIFACT_KEY = "radflow-nightly"
+WEBHOOK_ENV = "RADFLOW_WEBHOOK_URL"
+# Acquiring a Prefect concurrency slot is a server round trip; a zero timeout fails even when free.
+MIN_SLOT_WAIT_S = 3.0
+
+
+class RunInProgress(RadflowError):
+    """Another nightly run holds the workspace lock or the global concurrency limit."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Exclusion: the workspace lock file, and Prefect's global concurrency limit with a server
+
+
+def on_server() -> bool:
+    """True when PREFECT_API_URL points at a Prefect server (not the temporary local one)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
+
+
+def lock_file(layout: Layout) -> Path:
+    return layout.state / "nightly.lock"
+
+
+@contextmanager
+def workspace_lock(layout: Layout, wait_s: float) -> Iterator[None]:
+    """flock on `.radflow/nightly.lock`: released by the kernel if the holder dies, so a killed run
+    never leaves a stale lock behind."""
+    path = lock_file(layout)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = path.open("a+")
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    fh.seek(0)
+                    holder = fh.read().strip() or "unknown holder"
+                    raise RunInProgress(
+                        f"another nightly run holds {path} ({holder}); waited {wait_s:g} s "
+                        "(nightly.lock_wait_s)"
+                    ) from None
+                time.sleep(min(1.0, max(deadline - time.monotonic(), 0.05)))
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} since {_now()}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    finally:
+        fh.close()
+
+
+def ensure_concurrency_limit(name: str, limit: int = 1) -> None:
+    """Create the global concurrency limit if the server does not have it (an admin's own limit
+    is left as it is)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with suppress(ObjectAlreadyExists):
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=limit)
+                )
+
+
+@contextmanager
+def global_limit(name: str, wait_s: float) -> Iterator[None]:
+    from prefect.concurrency.sync import concurrency
+
+    ensure_concurrency_limit(name)
+    stack = ExitStack()
+    try:
+        stack.enter_context(
+            concurrency(name, occupy=1, timeout_seconds=max(wait_s, MIN_SLOT_WAIT_S), strict=True)
+        )
+    except TimeoutError:
+        raise RunInProgress(
+            f"another nightly run holds the Prefect global concurrency limit {name!r}; waited "
+            f"{max(wait_s, MIN_SLOT_WAIT_S):g} s (nightly.lock_wait_s)"
+        ) from None
+    with stack:
+        yield
+
+
+@contextmanager
+def exclusive(layout: Layout, params: NightlyParams) -> Iterator[None]:
+    with workspace_lock(layout, params.lock_wait_s), ExitStack() as stack:
+        if on_server() and params.concurrency_limit:
+            stack.enter_context(global_limit(params.concurrency_limit, params.lock_wait_s))
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# The run summary: a JSON line in reports/nightly.jsonl, a Prefect markdown artifact, a failure hook
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class RunSummary:
+    workspace: str
+    flow_run_id: str
+    started_at: str
+    forced: bool
+    status: str = "running"  # trained | skipped | failed
+    reason: str = ""
+    landing: dict[str, Any] = field(default_factory=dict)
+    data_version: str | None = None
+    previous_data_version: str | None = None
+    dvc_push: str = ""
+    model_version: str | None = None
+    run_id: str | None = None
+    gate: dict[str, Any] | None = None
+    error: str | None = None
+    finished_at: str = ""
+    duration_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_log(layout: Layout) -> Path:
+    return layout.reports / RUN_LOG
+
+
+def append_summary(layout: Layout, summary: RunSummary) -> None:
+    path = run_log(layout)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(summary.as_dict(), sort_keys=True) + "\n"
+    # One write of one line in append mode: concurrent writers never interleave within a line.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def markdown(summary: RunSummary) -> str:
+    counts = summary.landing
+    landed = (
+        ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
+        if counts
+        else "no landing location"
+    )
+    gate = summary.gate or {}
+    rows = [
+        ("status", f"**{summary.status}**"),
+        ("reason", summary.reason),
+        ("landing", landed),
+        ("data version", summary.data_version or "-"),
+        ("previous data version", summary.previous_data_version or "-"),
+        ("DVC push", summary.dvc_push or "-"),
+        ("model version", summary.model_version or "-"),
+        (
+            "gate",
+            f"{'passed' if gate.get('passed') else 'failed'}: {gate.get('reason', '')}; "
+            f"now in {', '.join(gate.get('stages', [])) or 'candidate'}"
+            if gate
+            else "-",
+        ),
+        ("forced", "yes" if summary.forced else "no"),
+        ("duration", f"{summary.duration_s:.1f} s"),
+        ("error", summary.error or "-"),
+    ]
+    body = "\n".join(f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows)
+    return f"# radflow nightly: {summary.status}\n\n| | |\n|---|---|\n{body}\n"
+
+
+def webhook_url(params: NightlyParams) -> str:
+    return os.environ.get(WEBHOOK_ENV) or params.webhook_url
+
+
+def notify_failure(summary: RunSummary, url: str) -> bool:
+    """POST the summary to the webhook (with a Slack-style `text`), or log it. Never raises: a broken
+    hook must not hide the failure it reports. True when the webhook accepted it."""
+    text = f"radflow nightly FAILED in {summary.workspace}: {summary.error}"
+    log.error("%s (flow run %s)", text, summary.flow_run_id)
+    if not url:
+        return False
+    body = json.dumps({"text": text, **summary.as_dict()}).encode()
+    request = urllib.request.Request(
+        url, data=body, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    for attempt in range(3):
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                if 200 <= reply.status < 300:
+                    return True
+        except OSError as exc:
+            log.warning("failure webhook attempt %d: %s", attempt + 1, exc)
+        time.sleep(2**attempt)
+    log.error("the failure webhook %s did not accept the notification", url.split("?")[0])
+    return False
+
+
+def _finish(layout: Layout, summary: RunSummary, started: float) -> None:
+    summary.finished_at = _now()
+    summary.duration_s = round(time.monotonic() - started, 2)
+    append_summary(layout, summary)
+    try:
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(
+            markdown(summary), key=ARTIFACT_KEY, description=f"nightly run: {summary.status}"
+        )
+    except Exception as exc:  # the JSON line is the record; the artifact is a view of it
+        log.warning("could not create the Prefect summary artifact: %s", exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps as tasks
+
+
+def push_data(layout: Layout) -> str:
+    """`dvc push` of the current data version to the default DVC remote, once per version."""
+    state_file = layout.state / "nightly_state.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    version = versioning.data_version(layout)
+    if state.get("pushed_data_version") == version:
+        return "already pushed"
+    try:
+        remote = versioning.dvc(layout.root, "remote", "default").strip()
+    except WorkspaceError:
+        remote = ""
+    if not remote:
+        return "no default DVC remote (data stays in the local cache)"
+    versioning.dvc(layout.root, "push", "-q")
+    state["pushed_data_version"] = version
+    tmp = state_file.with_name(f".{state_file.name}.tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, state_file)
+    return f"pushed to {remote}"
+
+
+def ingest(layout: Layout, params: Params, batch: landing.Batch) -> landing.Ingested:
+    try:
+        return landing.ingest_batch(layout, params, batch)
+    except BaseException:
+        landing.discard(batch)
+        raise
+
+
+def record(
+    layout: Layout, fp: decision.Fingerprint, registered: dict[str, Any]
+) -> decision.LastRun:
+    versioning.commit_stages(layout)
+    metrics = json.loads(layout.metrics.read_text())
+    return decision.record_success(layout, fp, registered, metrics)
+
+
+def _backoff(params: NightlyParams) -> list[float]:
+    return [params.retry_delay_s * 2**i for i in range(params.retries)]
+
+
+sync_task = task(name="sync_landing", cache_policy=NO_CACHE)(landing.sync)
+ingest_task = task(name="ingest", cache_policy=NO_CACHE)(ingest)
+push_task = task(name="push_data", cache_policy=NO_CACHE)(push_data)
+# Only a registry lookup (a workspace without a last-run record) can fail here, and that may pass.
+decide_task = task(name="decide", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 20])(
+    decision.check
+)
+record_task = task(name="record_run", cache_policy=NO_CACHE)(record)
+
+
+def _crashed(flow: Any, flow_run: Any, state: Any) -> None:
+    """Prefect calls this when the run's process dies under it (SIGTERM, lost infrastructure)."""
+    try:
+        layout = workspace.resolve(Path(flow_run.parameters["workspace"]))
+        params = workspace.load(layout)
+        summary = RunSummary(
+            str(layout.root),
+            str(flow_run.id),
+            _now(),
+            bool(flow_run.parameters.get("force")),
+            status="failed",
+            error=f"crashed: {state.message}",
+        )
+        append_summary(layout, summary)
+        notify_failure(summary, webhook_url(params.nightly))
+    except Exception as exc:
+        log.error("nightly run %s crashed (%s); could not record it: %s", flow_run.id, state, exc)
+
+
+@flow(name=FLOW_NAME, on_crashed=[_crashed])
+def nightly_retraining(workspace: str, force: bool = False) -> dict[str, Any]:
+    """Sync -> ingest and push -> decide -> (training pipeline with its gate) -> summary."""
+    from prefect.runtime import flow_run
+
+    started = time.monotonic()
+    layout = _resolve(workspace)
+    params = _load(layout)
+    run = RunSummary(str(layout.root), str(flow_run.id or ""), _now(), force)
+    try:
+        with exclusive(layout, params.nightly):
+            _steps(layout, params, run)
+    except RunInProgress as exc:
+        run.status, run.reason = "skipped", str(exc)
+        get_run_logger().warning("skipped: %s", exc)
+    except BaseException as exc:
+        run.status = "failed"
+        run.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:500] if str(exc) else ''}"
+        notify_failure(run, webhook_url(params.nightly))
+        raise
+    finally:
+        _finish(layout, run, started)
+    return run.as_dict()
+
+
+def _resolve(workspace_dir: str) -> Layout:
+    return workspace.resolve(Path(workspace_dir))
+
+
+def _load(layout: Layout) -> Params:
+    return workspace.load(layout)
+
+
+def _steps(layout: Layout, params: Params, run: RunSummary) -> None:
+    logger = get_run_logger()
+    nightly = params.nightly
+    if layout.raw_dvc.exists():
+        run.previous_data_version = versioning.data_version(layout)
+    if nightly.landing:
+        batch = sync_task.with_options(
+            retries=nightly.retries, retry_delay_seconds=_backoff(nightly)
+        )(layout, nightly)
+        run.landing = batch.counts()
+        ingested = ingest_task(layout, params, batch)
+        run.landing |= {"archived": ingested.added}
+    run.data_version = versioning.data_version(layout)
+    run.dvc_push = push_task.with_options(
+        retries=nightly.retries, retry_delay_seconds=_backoff(nightly)
+    )(layout)
+    verdict = decide_task(layout, params, run.forced)
+    run.reason = verdict.reason
+    if verdict.up_to_date:
+        assert verdict.last is not None
+        run.status, run.model_version, run.run_id = (
+            "skipped",
+            verdict.last.model_version,
+            verdict.last.run_id,
+        )
+        logger.info("up to date: model version %s (%s)", run.model_version, verdict.reason)
+        return
+    logger.info("retraining: %s", verdict.reason)
+    from flows.pipeline import training_pipeline
+
+    registered = training_pipeline(str(layout.root))
+    record_task(layout, verdict.fingerprint, registered)
+    run.status, run.model_version, run.run_id = (
+        "trained",
+        str(registered["model_version"]),
+        str(registered["run_id"]),
+    )
+    gate_file = layout.reports / "gate.json"
+    if gate_file.exists():
+        gate = json.loads(gate_file.read_text())
+        if str(gate.get("version")) == run.model_version:
+            run.gate = {
+                k: gate.get(k) for k in ("passed", "reason", "stages", "production_version")
+            }

@@ -1,0 +1,687 @@
+"""MLflow edge of the model registry: stages as aliases, every move recorded in the audit ledger, and the
+champion/challenger gate run on registered models.
+
+The rules (which aliases move, what a gate needs) are pure functions in
+`pipeline_steps/governance/stages.py`; this module reads MLflow, applies their plans and records them.
+A transition holds the ledger's write lock from reading the registry to committing its ledger rows, so
+two racing promotions serialize and the one that finds the registry changed under it fails cleanly.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+from flows.tracking import tracking_uri
+from pipeline_steps.config import Params
+from pipeline_steps.errors import DataError, TrackingError
+from pipeline_steps.governance.ledger import (
+    Entry,
+    Ledger,
+    LedgerError,
+    jsonable,
+    open_ledger,
+    timestamp,
+)
+from pipeline_steps.governance.serving import INPUT_COLUMN
+from pipeline_steps.governance.stages import (
+    ARCHIVED,
+    STAGES,
+    AliasOp,
+    Check,
+    ConcurrentTransition,
+    GateResult,
+    Move,
+    RegistryOp,
+    RequirementsNotMet,
+    TagOp,
+    TransitionError,
+    UnknownVersion,
+    evaluate_gate,
+    parse_stage,
+    plan_transition,
+    previous_production,
+    replay,
+    stage_map,
+    stage_of,
+)
+from pipeline_steps.layout import Layout
+
+TRANSITION = "transition"  # ledger kinds written here
+GATE = "gate"
+PIPELINE_ACTOR = "radflow-pipeline"
+GATE_TAGS = ("gate.result", "gate.ledger_row")
+
+
+def default_actor() -> str:
+    return os.environ.get("RADFLOW_ACTOR") or getpass.getuser()
+
+
+def _public_uri(uri: str) -> str:
+    """The URI without credentials, for messages and the ledger."""
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit(parts._replace(netloc=netloc))
+    return uri
+
+
+# --------------------------------------------------------------------------------------------
+# MLflow
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: str
+    run_id: str
+    created: datetime
+    tags: dict[str, str]
+    aliases: tuple[str, ...]
+
+
+class ModelRegistry:
+    """One registered model's aliases and version tags in MLflow.
+
+    Every MLflow failure becomes a TrackingError naming the URI; a version that does not exist is an
+    UnknownVersion. `apply` undoes what it already did when a later write fails.
+    """
+
+    def __init__(self, client: Any, model_name: str, uri: str) -> None:
+        self.client = client
+        self.model_name = model_name
+        self.uri = _public_uri(uri)
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as exc:
+            if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+                raise
+            message = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            raise TrackingError(
+                f"MLflow registry at {self.uri}: {what} failed ({message}). "
+                "Check MLFLOW_TRACKING_URI and that the server is up, then retry."
+            ) from None
+
+    def aliases(self) -> dict[str, str]:
+        try:
+            model = self._call(
+                "reading the model", self.client.get_registered_model, self.model_name
+            )
+        except TrackingError:
+            raise
+        except Exception:
+            raise TransitionError(
+                f"no model named {self.model_name!r} is registered at {self.uri}; "
+                "train one first with `radflow run`"
+            ) from None
+        return {str(k): str(v) for k, v in dict(model.aliases or {}).items()}
+
+    def version(self, version: str) -> VersionInfo:
+        if not str(version).isdigit():
+            raise UnknownVersion(
+                f"{version!r} is not a model version number; `radflow models` lists them"
+            )
+        try:
+            mv = self._call(
+                f"reading version {version}",
+                self.client.get_model_version,
+                self.model_name,
+                str(version),
+            )
+        except TrackingError:
+            raise
+        except Exception:
+            raise UnknownVersion(
+                f"{self.model_name} has no version {version}; `radflow models` lists them"
+            ) from None
+        return _version_info(mv)
+
+    def versions(self) -> list[VersionInfo]:
+        found = self._call(
+            "listing versions",
+            self.client.search_model_versions,
+            f"name='{self.model_name}'",
+        )
+        return sorted((_version_info(mv) for mv in found), key=lambda v: int(v.version))
+
+    def apply(self, ops: Sequence[RegistryOp]) -> None:
+        """Apply in order; on a failure, undo the ones applied (in reverse) and raise TrackingError."""
+        done: list[RegistryOp] = []
+        try:
+            for op in ops:
+                self._apply_one(op)
+                done.append(op)
+        except TrackingError as exc:
+            try:
+                for op in reversed(done):
+                    self._apply_one(op.undo())
+            except TrackingError:
+                undone = [_describe(op) for op in done]
+                raise TrackingError(
+                    f"{exc}\nThe registry failed mid-transition and could not be restored: "
+                    f"these changes are still in place: {undone}. Nothing was recorded in the "
+                    "ledger; check `radflow models` and re-run the transition."
+                ) from None
+            raise TrackingError(
+                f"{exc}\nNo alias or tag was changed (partial writes undone)."
+            ) from None
+
+    def _apply_one(self, op: RegistryOp) -> None:
+        name = self.model_name
+        if isinstance(op, AliasOp):
+            if op.version is None:
+                self._call(
+                    f"removing alias {op.alias}",
+                    self.client.delete_registered_model_alias,
+                    name,
+                    op.alias,
+                )
+            else:
+                self._call(
+                    f"setting alias {op.alias}",
+                    self.client.set_registered_model_alias,
+                    name,
+                    op.alias,
+                    op.version,
+                )
+        elif op.value is None:
+            self._call(
+                f"removing tag {op.key} of version {op.version}",
+                self.client.delete_model_version_tag,
+                name,
+                op.version,
+                op.key,
+            )
+        else:
+            self._call(
+                f"tagging version {op.version}",
+                self.client.set_model_version_tag,
+                name,
+                op.version,
+                op.key,
+                op.value,
+            )
+
+
+def _describe(op: RegistryOp) -> str:
+    if isinstance(op, AliasOp):
+        return f"alias {op.alias} -> {op.version or '(removed)'}"
+    return (
+        f"version {op.version} tag {op.key} = {op.value if op.value is not None else '(removed)'}"
+    )
+
+
+def _version_info(mv: Any) -> VersionInfo:
+    return VersionInfo(
+        version=str(mv.version),
+        run_id=str(mv.run_id or ""),
+        created=datetime.fromtimestamp(int(mv.creation_timestamp or 0) / 1000, UTC),
+        tags={str(k): str(v) for k, v in dict(mv.tags or {}).items()},
+        aliases=tuple(str(a) for a in (mv.aliases or ())),
+    )
+
+
+def open_registry(layout: Layout, model_name: str) -> ModelRegistry:
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(layout)
+    return ModelRegistry(MlflowClient(tracking_uri=uri, registry_uri=uri), model_name, uri)
+
+
+# --------------------------------------------------------------------------------------------
+# Transitions
+
+
+@dataclass(frozen=True)
+class Transition:
+    transition_id: str
+    moves: tuple[Move, ...]
+    entries: tuple[Entry, ...]
+    aliases_after: dict[str, str]
+
+
+def transitions(ledger: Ledger, model_name: str) -> list[Entry]:
+    return [e for e in ledger.entries(kind=TRANSITION) if e.payload.get("model") == model_name]
+
+
+def moves_of(entries: Sequence[Entry]) -> list[Move]:
+    return [
+        Move(str(e.payload["version"]), e.payload.get("from_stage"), e.payload.get("to_stage"))
+        for e in entries
+    ]
+
+
+def latest_gate(ledger: Ledger, model_name: str, version: str) -> Entry | None:
+    found = ledger.entries(kind=GATE, subject=f"{model_name}:{version}")
+    return found[-1] if found else None
+
+
+def _gate_summary(entry: Entry) -> dict[str, Any]:
+    p = entry.payload
+    keys = ("passed", "reason", "metric", "candidate", "production", "delta", "ci_low", "ci_high")
+    return {"ledger_row": entry.seq, "row_hash": entry.row_hash} | {k: p.get(k) for k in keys}
+
+
+def production_requirements(
+    registry: ModelRegistry, ledger: Ledger, info: VersionInfo
+) -> tuple[list[str], dict[str, Any] | None]:
+    """What keeps `info` from production (empty: nothing), and the gate evidence found."""
+    unmet = []
+    gate = latest_gate(ledger, registry.model_name, info.version)
+    if gate is None:
+        unmet.append(f"version {info.version} was never evaluated by the gate")
+    elif not gate.payload.get("passed"):
+        unmet.append(
+            f"version {info.version} failed its gate (ledger row {gate.seq}: "
+            f"{gate.payload.get('reason')})"
+        )
+    validation = info.tags.get("validation_passed")
+    if validation != "true":
+        unmet.append(
+            f"the validation of its data version {info.tags.get('data_version', '?')} did not pass "
+            f"(tag validation_passed={validation or 'missing'})"
+        )
+    return unmet, _gate_summary(gate) if gate else None
+
+
+def _changed(before: Mapping[str, str], after: Mapping[str, str]) -> str:
+    keys = sorted(set(before) | set(after))
+    return ", ".join(
+        f"{k}: {before.get(k, '-')} -> {after.get(k, '-')}"
+        for k in keys
+        if before.get(k) != after.get(k)
+    )
+
+
+def promote(
+    registry: ModelRegistry,
+    ledger: Ledger,
+    version: str,
+    to_stage: str,
+    *,
+    actor: str,
+    reason: str,
+    force: bool = False,
+    observed: Mapping[str, str] | None = None,
+    evidence: Mapping[str, Any] | None = None,
+    rollback: bool = False,
+    allowed: Sequence[str] = STAGES,
+) -> Transition:
+    """Move `version` to `to_stage`, archive what it displaces from production, and record both moves.
+
+    `observed` is the alias map the caller decided on (default: read now); if the registry differs
+    once the ledger lock is held, another transition won the race and this one is refused. Errors
+    leave the registry and the ledger as they were.
+    """
+    stage = parse_stage(to_stage, allowed)
+    version = str(version).strip()
+    if not reason.strip():
+        raise TransitionError("a transition needs a --reason; it is kept in the audit ledger")
+    seen = dict(observed) if observed is not None else registry.aliases()
+    info = registry.version(version)
+    unmet: list[str] = []
+    gate_evidence = dict(evidence) if evidence is not None else None
+    if stage == "production" and not rollback:
+        unmet, found = production_requirements(registry, ledger, info)
+        gate_evidence = gate_evidence or found
+        if unmet and not force:
+            raise RequirementsNotMet(
+                f"version {version} cannot go to production: {'; '.join(unmet)}. "
+                "Pass --force with a --reason to override; the override is recorded."
+            )
+    applied: tuple[RegistryOp, ...] = ()
+    try:
+        with ledger.writing() as writer:
+            current = registry.aliases()
+            if current != seen:
+                raise ConcurrentTransition(
+                    f"the registry changed while this transition waited ({_changed(seen, current)}); "
+                    "another transition won. Nothing was changed: check `radflow models` and "
+                    "re-run if you still mean it."
+                )
+            displaced = stage_map(current).get(stage)
+            archived = {
+                v: tag
+                for v in {version, displaced}
+                if v is not None
+                and (tag := (info if v == version else registry.version(v)).tags.get(ARCHIVED))
+            }
+            when = timestamp(datetime.now(UTC))
+            plan = plan_transition(current, archived, version, stage, when)
+            transition_id = str(uuid.uuid4())
+            for move in plan.moves:
+                writer.append(
+                    TRANSITION,
+                    f"{registry.model_name}:{move.version}",
+                    {
+                        "transition_id": transition_id,
+                        "model": registry.model_name,
+                        "version": move.version,
+                        "from_stage": move.from_stage,
+                        "to_stage": move.to_stage,
+                        "actor": actor,
+                        "reason": reason,
+                        "cause": "displaced"
+                        if move.version != version
+                        else ("rollback" if rollback else "promotion"),
+                        "forced": bool(force and unmet),
+                        "overridden": unmet if force else [],
+                        "evidence": gate_evidence,
+                        "registry": registry.uri,
+                        "aliases_before": plan.aliases_before,
+                        "aliases_after": plan.aliases_after,
+                    },
+                )
+            registry.apply(plan.ops)
+            applied = plan.ops
+            entries = tuple(writer.appended)
+    except LedgerError:
+        if applied:  # the ledger could not commit what the registry already shows: take it back
+            registry.apply([op.undo() for op in reversed(applied)])
+            raise LedgerError(
+                "the audit ledger could not record the transition, so the registry change was undone"
+            ) from None
+        raise
+    return Transition(transition_id, plan.moves, entries, plan.aliases_after)
+
+
+def rollback(registry: ModelRegistry, ledger: Ledger, *, actor: str, reason: str) -> Transition:
+    """Production goes back to the version that held it before the current one."""
+    current = registry.aliases()
+    live = stage_map(current).get("production")
+    moves = moves_of(transitions(ledger, registry.model_name))
+    recorded = replay(moves).get("production")
+    if live is None:
+        raise TransitionError("no version is in production; there is nothing to roll back")
+    if live != recorded:
+        raise TransitionError(
+            f"MLflow says version {live} is in production but the ledger says "
+            f"{recorded or 'none'}: the alias was moved outside radflow. Promote the intended "
+            "version explicitly (`radflow promote N --to production --reason ...`)."
+        )
+    target = previous_production(moves)
+    if target is None:
+        raise TransitionError(
+            f"version {live} is the first production version; there is none to go back to"
+        )
+    return promote(
+        registry,
+        ledger,
+        target,
+        "production",
+        actor=actor,
+        reason=reason,
+        observed=current,
+        rollback=True,
+    )
+
+
+def stages_at(ledger: Ledger, model_name: str, at: datetime) -> dict[str, dict[str, Any]]:
+    """Which version held each stage at time `at`, with the ledger row that put it there."""
+    state: dict[str, dict[str, Any]] = {}
+    for entry in transitions(ledger, model_name):
+        if entry.time > at:
+            break  # the chain's times never run backwards (see LedgerWriter.append)
+        p = entry.payload
+        frm, to = p.get("from_stage"), p.get("to_stage")
+        if frm in STAGES and state.get(frm, {}).get("version") == p["version"]:
+            del state[frm]
+        if to in STAGES:
+            state[to] = {
+                "version": p["version"],
+                "since": entry.recorded_at,
+                "actor": p.get("actor"),
+                "reason": p.get("reason"),
+                "ledger_row": entry.seq,
+            }
+    return state
+
+
+def list_versions(registry: ModelRegistry, ledger: Ledger) -> list[dict[str, Any]]:
+    """Every version with its stage, key metrics, data version, creation and who put it there."""
+    aliases = registry.aliases()
+    last: dict[str, Entry] = {}
+    for entry in transitions(ledger, registry.model_name):
+        last[str(entry.payload["version"])] = entry
+    rows = []
+    for info in registry.versions():
+        stage = stage_of(info.version, aliases) or (ARCHIVED if ARCHIVED in info.tags else None)
+        moved = last.get(info.version)
+        rows.append(
+            {
+                "version": info.version,
+                "stage": stage,
+                "aliases": sorted(a for a, v in aliases.items() if v == info.version),
+                "metrics": {
+                    k.removeprefix("metric."): float(v)
+                    for k, v in sorted(info.tags.items())
+                    if k.startswith("metric.")
+                },
+                "data_version": info.tags.get("data_version"),
+                "code_version": info.tags.get("code_version"),
+                "gate": info.tags.get("gate.result"),
+                "created": timestamp(info.created),
+                "promoted_by": moved.payload.get("actor") if moved else None,
+                "promoted_at": moved.recorded_at if moved else None,
+                "run_id": info.run_id,
+            }
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# The champion/challenger gate
+
+
+@dataclass(frozen=True)
+class TestSet:
+    __test__ = False  # not a pytest class
+
+    paths: list[str]
+    gts: list[np.ndarray]
+    patients: list[str]
+    content_hashes: list[str]
+
+    @property
+    def digest(self) -> str:
+        """Identity of the images both models were scored on."""
+        return hashlib.sha256("\n".join(sorted(self.content_hashes)).encode()).hexdigest()
+
+
+def load_test_set(layout: Layout) -> TestSet:
+    """The test split of the current data version: raw DICOM paths and original-pixel boxes."""
+    import pandas as pd
+
+    for path in (layout.manifest, layout.metadata, layout.labels):
+        if not path.exists():
+            raise DataError(f"{path}: missing. Run the pipeline up to `test` first.")
+    manifest = pd.read_parquet(layout.manifest)
+    test = manifest[manifest["split"] == "test"].sort_values("image_id")
+    if test.empty:
+        raise DataError(
+            f"{layout.manifest}: the test split is empty; the gate has nothing to score"
+        )
+    files = pd.read_parquet(layout.metadata, columns=["image_id", "file"]).set_index("image_id")
+    labels = pd.read_parquet(layout.labels).dropna(subset=["x_min"])
+    truth = {
+        str(k): g[["x_min", "y_min", "x_max", "y_max"]].to_numpy(float)
+        for k, g in labels.groupby("image_id")
+    }
+    return TestSet(
+        paths=[str(layout.raw / str(files.loc[i, "file"])) for i in test["image_id"]],
+        gts=[truth.get(str(i), np.zeros((0, 4))) for i in test["image_id"]],
+        patients=[str(p) for p in test["patient_pseudonym"]],
+        content_hashes=[str(h) for h in test["content_hash"]],
+    )
+
+
+def predict_registered(
+    layout: Layout, model_name: str, version: str, paths: Sequence[str], threshold: float
+) -> list[np.ndarray]:
+    """(k, 5) boxes per path in original pixels, from the registered pyfunc of `version`."""
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(tracking_uri(layout))
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{model_name}/{version}")
+    except Exception as exc:
+        raise TrackingError(
+            f"cannot load {model_name} version {version} from {_public_uri(tracking_uri(layout))}: "
+            f"{str(exc).splitlines()[0][:300]}"
+        ) from None
+    schema = model.metadata.get_input_schema()
+    if schema is None or schema.input_names() != [INPUT_COLUMN]:
+        raise IncomparableModel(
+            f"version {version} does not take DICOM input (registered before radflow's pyfunc?), "
+            "so the gate cannot score it; promote explicitly if it should stay or go"
+        )
+    out = model.predict(
+        pd.DataFrame({INPUT_COLUMN: list(paths)}), params={"score_threshold": threshold}
+    )
+    failed = [e for e in out["error"] if e]
+    if failed:
+        raise DataError(
+            f"version {version} could not read {len(failed)} test image(s) "
+            f"(first: {failed[0]}); the gate needs every image scored by both models"
+        )
+    return [
+        np.array(
+            [[b["x_min"], b["y_min"], b["x_max"], b["y_max"], b["score"]] for b in boxes],
+            dtype=np.float64,
+        ).reshape(-1, 5)
+        for boxes in out["boxes"]
+    ]
+
+
+class IncomparableModel(TrackingError):
+    """The production version is not a DICOM pyfunc, so the gate cannot score it."""
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    version: str
+    production_version: str | None
+    result: GateResult
+    ledger_row: int
+    stages: tuple[str, ...]  # stages the version moved to after the decision
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "production_version": self.production_version,
+            "ledger_row": self.ledger_row,
+            "stages": list(self.stages),
+            **self.result.as_dict(),
+        }
+
+
+@contextmanager
+def governance(layout: Layout, params: Params) -> Iterator[tuple[ModelRegistry, Ledger]]:
+    registry = open_registry(layout, params.register_.model_name)
+    with open_ledger(layout.root) as ledger:
+        yield registry, ledger
+
+
+def run_gate(
+    layout: Layout,
+    params: Params,
+    version: str,
+    *,
+    actor: str = PIPELINE_ACTOR,
+    data_version: str = "",
+    run_id: str = "",
+) -> GateOutcome:
+    """Make `version` the candidate, score it and production on the same test images, decide, record
+    the decision, and promote as the decision says. Safe to re-run: moves already made are skipped."""
+    gate_params = params.register_.gate
+    name = params.register_.model_name
+    with governance(layout, params) as (registry, ledger):
+        aliases = registry.aliases()
+        if stage_of(version, aliases) is None and ARCHIVED not in registry.version(version).tags:
+            promote(
+                registry,
+                ledger,
+                version,
+                "candidate",
+                actor=actor,
+                reason=f"registered by training run {run_id or '?'}",
+                observed=aliases,
+            )
+        production = stage_map(registry.aliases()).get("production")
+        if production == version:
+            production = None
+        test = load_test_set(layout)
+        floor = params.test.metrics_score_floor  # the whole score curve, as the test stage sees it
+        candidate = predict_registered(layout, name, version, test.paths, floor)
+        try:
+            champion = (
+                predict_registered(layout, name, production, test.paths, floor)
+                if production
+                else None
+            )
+            result = evaluate_gate(candidate, champion, test.gts, test.patients, gate_params)
+        except IncomparableModel as exc:
+            # No comparison, no pass: the decision is recorded and a person decides.
+            alone = evaluate_gate(candidate, None, test.gts, test.patients, gate_params)
+            checks = (*alone.checks[:-1], Check("champion", False, str(exc)))
+            result = replace(
+                alone, passed=False, promote_to=(), checks=checks, reason=f"failed: {exc}"
+            )
+        entry = ledger.append(
+            GATE,
+            f"{name}:{version}",
+            {
+                "model": name,
+                "version": version,
+                "production_version": production,
+                "data_version": data_version,
+                "test_set": test.digest,
+                "actor": actor,
+                **result.as_dict(),
+            },
+        )
+        tags = registry.version(version).tags
+        registry.apply(
+            [
+                TagOp(version, key, value, tags.get(key))
+                for key, value in zip(
+                    GATE_TAGS,
+                    ("passed" if result.passed else "failed", str(entry.seq)),
+                    strict=True,
+                )
+            ]
+        )
+        moved = []
+        for stage in result.promote_to:
+            if stage_of(version, registry.aliases()) == stage:
+                continue
+            promote(
+                registry,
+                ledger,
+                version,
+                stage,
+                actor=actor,
+                reason=f"gate {result.reason}",
+                evidence=_gate_summary(entry),
+            )
+            moved.append(stage)
+    outcome = GateOutcome(version, production, result, entry.seq, tuple(moved))
+    layout.reports.mkdir(parents=True, exist_ok=True)
+    (layout.reports / "gate.json").write_text(
+        json.dumps(jsonable(outcome.as_dict()), indent=2, sort_keys=True)
+    )
+    return outcome

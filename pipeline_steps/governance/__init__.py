@@ -1,0 +1,1 @@
+"""Governance: model stages and their rules, the champion/challenger gate, the audit ledger, the served model."""

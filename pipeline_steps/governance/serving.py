@@ -1,0 +1,257 @@
+"""The served model's inference path as plain functions: DICOM path or bytes in, boxes in original pixels out.
+
+Pre- and post-processing are the training code's own functions (`dicom_io.read_image`,
+`preprocess.plan_geometry`/`preprocess_image`, `model.predict_boxes`, `Geometry.inverse`), so an image
+gives the same tensor here as in its training shard. `pyfunc.py` wraps this for MLflow.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline_steps.config import IngestParams, PreprocessParams, TestParams
+from pipeline_steps.dicom_io import DicomImage, read_image
+from pipeline_steps.errors import DataError
+from pipeline_steps.labels import RSNA_LABEL
+from pipeline_steps.model import predict_boxes
+from pipeline_steps.preprocess import QUANT, Geometry, plan_geometry, preprocess_image
+
+if TYPE_CHECKING:
+    import keras
+
+INPUT_COLUMN = "dicom"
+BOX_KEYS = ("x_min", "y_min", "x_max", "y_max", "score")
+OUTPUT_COLUMNS = ("boxes", "image_sha256", "rows", "columns", "error")
+DETECTOR_ARTIFACT = "detector"
+CONFIG_ARTIFACT = "config"
+# The preprocess keys that change pixels (as in preprocess.pixel_params_hash): an older model keeps
+# loading when unrelated preprocess options are added or removed later.
+PIXEL_KEYS = ("input_size", "target_spacing_mm", "window", "percentiles")
+_MAX_PATH_CHARS = 4096
+_CHUNK = 16  # images decoded and held at once
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """What the model needs beside its weights; stored as the `config` artifact of the model."""
+
+    preprocess: PreprocessParams
+    test: TestParams
+    default_spacing_mm: float
+    label: str = RSNA_LABEL
+
+    @classmethod
+    def from_params(
+        cls, preprocess: PreprocessParams, test: TestParams, ingest: IngestParams
+    ) -> ServingConfig:
+        return cls(preprocess, test, ingest.default_spacing_mm)
+
+    def to_json(self) -> str:
+        pixel = self.preprocess.model_dump(mode="json")
+        return json.dumps(
+            {
+                "preprocess": {k: pixel[k] for k in PIXEL_KEYS},
+                "test": self.test.model_dump(mode="json"),
+                "default_spacing_mm": self.default_spacing_mm,
+                "label": self.label,
+            },
+            indent=2,
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ServingConfig:
+        raw = json.loads(text)
+        # Keep what today's TestParams knows about decoding (flat keys); nested sections such as
+        # the baseline's do not shape served boxes, and a model must outlive changes to them.
+        decoding = {
+            k: v
+            for k, v in raw["test"].items()
+            if k in TestParams.model_fields and not isinstance(v, dict)
+        }
+        return cls(
+            PreprocessParams.model_validate({k: raw["preprocess"][k] for k in PIXEL_KEYS}),
+            TestParams.model_validate(decoding),
+            float(raw["default_spacing_mm"]),
+            str(raw["label"]),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The inference path (plain functions; the PythonModel below only wires them)
+
+
+def prepare(image: DicomImage, params: PreprocessParams) -> tuple[np.ndarray, Geometry]:
+    """A decoded image as model input, exactly as the preprocess stage stores it (uint16 / QUANT)."""
+    rows, cols = image.pixels.shape
+    geometry = plan_geometry(
+        rows,
+        cols,
+        image.spacing.row_mm,
+        image.spacing.col_mm,
+        params.input_size,
+        params.target_spacing_mm,
+    )
+    return preprocess_image(image, geometry, params).astype(np.float32) / np.float32(
+        QUANT
+    ), geometry
+
+
+def detect(
+    model: keras.Model, images: Sequence[DicomImage], config: ServingConfig, threshold: float
+) -> list[np.ndarray]:
+    """(k, 5) boxes per image in original pixel coordinates (clipped to the image), score last."""
+    if not images:
+        return []
+    prepared = [prepare(image, config.preprocess) for image in images]
+    params = config.test.model_copy(update={"score_threshold": threshold})
+    found = predict_boxes(model, np.stack([pixels for pixels, _ in prepared]), params)
+    out = []
+    for (_, geometry), boxes in zip(prepared, found, strict=True):
+        if not len(boxes):
+            out.append(np.zeros((0, 5), np.float64))
+            continue
+        original = geometry.inverse(boxes[:, :4])
+        original[:, [0, 2]] = np.clip(original[:, [0, 2]], 0.0, geometry.orig_cols)
+        original[:, [1, 3]] = np.clip(original[:, [1, 3]], 0.0, geometry.orig_rows)
+        out.append(np.column_stack([original, boxes[:, 4].astype(np.float64)]))
+    return out
+
+
+def read_input(value: object, default_spacing_mm: float, scratch: Path) -> DicomImage:
+    """A path to a DICOM file, or its bytes (raw or base64 text). Raises DataError."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            is_file = len(text) < _MAX_PATH_CHARS and Path(text).is_file()
+        except (OSError, ValueError):
+            is_file = False
+        if is_file:
+            return read_image(Path(text), default_spacing_mm)
+        try:
+            data = base64.b64decode("".join(text.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise DataError(
+                "input is neither an existing DICOM file path nor base64-encoded DICOM bytes"
+            ) from None
+    elif isinstance(value, bytes | bytearray | memoryview):
+        data = bytes(value)
+    else:
+        raise DataError(f"input must be a path or DICOM bytes, got {type(value).__name__}")
+    if not data:
+        raise DataError("input holds no bytes")
+    # One reader for every input: bytes go through the same file reader as paths.
+    path = scratch / "input.dcm"
+    path.write_bytes(data)
+    try:
+        return read_image(path, default_spacing_mm)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def box_records(boxes: np.ndarray, label: str) -> list[dict[str, Any]]:
+    return [
+        {**{k: float(v) for k, v in zip(BOX_KEYS, row, strict=True)}, "label": label}
+        for row in boxes
+    ]
+
+
+def predict_frame(
+    model: keras.Model,
+    values: Sequence[object],
+    config: ServingConfig,
+    threshold: float | None = None,
+) -> pd.DataFrame:
+    """One output row per input: boxes, pixel hash and size, or `error` (and the batch goes on)."""
+    cutoff = config.test.score_threshold if threshold is None else float(threshold)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="radflow-predict-") as scratch:
+        for start in range(0, len(values), _CHUNK):
+            chunk: list[tuple[int, DicomImage]] = []
+            results: dict[int, dict[str, Any]] = {}
+            for i, value in enumerate(values[start : start + _CHUNK], start):
+                try:
+                    chunk.append((i, read_input(value, config.default_spacing_mm, Path(scratch))))
+                except DataError as exc:
+                    results[i] = {
+                        "boxes": [],
+                        "image_sha256": "",
+                        "rows": 0,
+                        "columns": 0,
+                        "error": str(exc),
+                    }
+            found = detect(model, [image for _, image in chunk], config, cutoff)
+            for (i, image), boxes in zip(chunk, found, strict=True):
+                results[i] = {
+                    "boxes": box_records(boxes, config.label),
+                    "image_sha256": image.pixel_sha256,
+                    "rows": int(image.pixels.shape[0]),
+                    "columns": int(image.pixels.shape[1]),
+                    "error": "",
+                }
+            rows.extend(results[i] for i in sorted(results))
+    return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+
+
+def input_values(model_input: object) -> list[object]:
+    """The `dicom` values of whatever the pyfunc was handed (a DataFrame after schema enforcement)."""
+    if isinstance(model_input, pd.DataFrame):
+        if INPUT_COLUMN not in model_input.columns:
+            raise DataError(f"the input needs a `{INPUT_COLUMN}` column (a path or DICOM bytes)")
+        return list(model_input[INPUT_COLUMN])
+    if isinstance(model_input, dict):
+        value = model_input.get(INPUT_COLUMN)
+        return list(value) if isinstance(value, list | tuple) else [value]
+    if isinstance(model_input, str | bytes):
+        return [model_input]
+    return list(model_input)  # type: ignore[call-overload]
+
+
+# --------------------------------------------------------------------------------------------
+# Input example (no PHI)
+
+
+def example_dicom(size: int = 64) -> bytes:
+    """A tiny synthetic radiograph with no patient, study or institution attributes at all."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filewriter import dcmwrite
+    from pydicom.uid import (
+        DigitalXRayImageStorageForPresentation,
+        ExplicitVRLittleEndian,
+        generate_uid,
+    )
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["radflow-input-example"])
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.SamplesPerPixel = 1
+    ds.Rows = ds.Columns = size
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelSpacing = [5.0, 5.0]
+    ramp = np.linspace(0, 4095, size * size, dtype=np.float64).reshape(size, size)
+    ds.PixelData = np.rint(ramp).astype(np.uint16).tobytes()
+    buffer = io.BytesIO()
+    dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def input_example() -> pd.DataFrame:
+    return pd.DataFrame({INPUT_COLUMN: [base64.b64encode(example_dicom()).decode("ascii")]})
