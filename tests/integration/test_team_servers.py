@@ -484,3 +484,54 @@ def test_prefect_yaml_deploys_to_a_work_pool_whose_worker_runs_the_night(
     assert finished["state"]["type"] == "COMPLETED", finished["state"]
     summary = _summary(layout, run["id"])
     assert summary["status"] == "skipped" and "unchanged" in summary["reason"]
+
+
+def test_radflow_server_start_runs_a_local_prefect_server_until_stopped(tmp_path):
+    """The documented `radflow server start`: SQLite in PREFECT_HOME, ready with the export line and
+    the nightly concurrency limit in place; SIGTERM stops it and its server process."""
+    import httpx
+
+    from tests.integration.conftest import free_port
+
+    port = free_port()
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"))
+    for key in ("PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL"):
+        env.pop(key, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "server", "start", "--port", str(port), "--no-ui"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        seen = []  # Prefect's own banner comes first, on the same stdout
+        while not any(line.startswith("Prefect server ready") for line in seen):
+            line = proc.stdout.readline()
+            assert line, f"radflow server start exited: {''.join(seen)[-3000:]}"
+            seen.append(line)
+        assert f"export PREFECT_API_URL={api}" in proc.stdout.readline()
+        limit = httpx.get(f"{api}/v2/concurrency_limits/radflow-nightly", timeout=10).json()
+        assert limit["limit"] == 1
+        assert (tmp_path / "home" / "prefect.db").exists()  # SQLite, where PREFECT_HOME says
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0 or proc.returncode is not None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{api}/health", timeout=2)
+
+
+def test_radflow_schedule_refuses_prefects_temporary_server(tmp_path, monkeypatch, capsys):
+    from flows import workspace
+    from flows.cli import main
+
+    workspace.init(tmp_path / "ws")
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main(["--workspace", str(tmp_path / "ws"), "schedule"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a Prefect server" in err and "radflow server start" in err
