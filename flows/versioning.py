@@ -55,9 +55,43 @@ def data_version(layout: Layout) -> str:
 
 
 def record_raw(layout: Layout) -> str:
-    """`dvc add data/raw` and return the new data version."""
+    """`dvc add data/raw`, commit `data/raw.dvc` in a workspace's git, and return the data version."""
+    from flows.workspace import source_root
+
     dvc(layout.root, "add", "-q", str(layout.raw.relative_to(layout.root)))
-    return data_version(layout)
+    version = data_version(layout)
+    # The git revision of data/raw.dvc is how an auditor finds a data version again. A workspace
+    # (`radflow init`) is radflow's to commit in; the radflow source checkout is the developer's.
+    if layout.root.resolve() != source_root().resolve():
+        commit_data_version(layout, version)
+    return version
+
+
+def _git(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+
+
+def commit_data_version(layout: Layout, version: str) -> str | None:
+    """Commit only `data/raw.dvc` (and DVC's `data/.gitignore`); the new commit, or None if unchanged."""
+    paths = [
+        str(p.relative_to(layout.root))
+        for p in (layout.raw_dvc, layout.raw_dvc.parent / ".gitignore")
+        if p.exists()
+    ]
+    _git(layout.root, "add", "--", *paths)
+    if _git(layout.root, "diff", "--cached", "--quiet", "--", *paths).returncode == 0:
+        return None  # this data version is already committed
+    identity: list[str] = []
+    if not _git(layout.root, "config", "user.email").stdout.strip():
+        identity = ["-c", "user.name=radflow", "-c", "user.email=radflow@localhost"]
+    done = _git(
+        layout.root, *identity, "commit", "-q", "-m", f"data version {version}", "--", *paths
+    )
+    if done.returncode != 0:
+        raise WorkspaceError(
+            f"git commit of {paths} failed in {layout.root}: {done.stderr.strip()[-500:]}"
+        )
+    return _git(layout.root, "rev-parse", "HEAD").stdout.strip()
 
 
 def commit_stages(layout: Layout) -> None:

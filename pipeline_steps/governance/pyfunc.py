@@ -45,6 +45,15 @@ class RadiographDetector(PythonModel):
                 f"model input {self._model.input_shape} does not match preprocess.input_size {size}"
             )
 
+    @property
+    def detector(self) -> Any:
+        """The loaded Keras detector (batch prediction and the API call the serving core directly)."""
+        return self._model
+
+    @property
+    def config(self) -> ServingConfig:
+        return self._config
+
     # MLflow reads the `model_input` hint; DataFrame means "no schema from hints", so the explicit
     # signature (a `dicom` string column) is the one enforced.
     def predict(

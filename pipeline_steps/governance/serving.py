@@ -125,7 +125,9 @@ def detect(
         original = geometry.inverse(boxes[:, :4])
         original[:, [0, 2]] = np.clip(original[:, [0, 2]], 0.0, geometry.orig_cols)
         original[:, [1, 3]] = np.clip(original[:, [1, 3]], 0.0, geometry.orig_rows)
-        out.append(np.column_stack([original, boxes[:, 4].astype(np.float64)]))
+        # A box wholly in the letterbox padding has nothing left after clipping: not a finding.
+        kept = (original[:, 2] > original[:, 0]) & (original[:, 3] > original[:, 1])
+        out.append(np.column_stack([original[kept], boxes[kept, 4].astype(np.float64)]))
     return out
 
 

@@ -113,10 +113,11 @@ def build_workspace(root: Path, n_images: int = 8):
         if i % 4 == 1:
             labels[-1].update(x_min=100.0, y_min=120.0, x_max=140.0, y_max=170.0)
     (root / "incoming").rmdir()
-    data_version = versioning.record_raw(layout)
-    git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@example.org"]
-    subprocess.run([*git, "add", "-A", "data/raw.dvc", "data/.gitignore"], check=True)
-    subprocess.run([*git, "commit", "-qm", "data"], check=True)
+    data_version = versioning.record_raw(layout)  # commits data/raw.dvc in a workspace
+    committed = subprocess.run(
+        ["git", "-C", str(root), "show", "HEAD:data/raw.dvc"], capture_output=True, text=True
+    )
+    assert data_version in committed.stdout
 
     layout.interim.mkdir(parents=True)
     layout.processed.mkdir(parents=True)

@@ -1,0 +1,303 @@
+"""Batch prediction (`radflow predict`, Prefect flow `batch_prediction`): a registered model over a
+folder of DICOMs, one JSON line per image, every prediction in the audit ledger before it is written.
+
+The model is resolved in the registry (a stage's alias or a version number) and loaded from MLflow;
+reading, screening and inference are `pipeline_steps/governance/prediction.py`, i.e. the training
+code's own reader and transforms. Per chunk: predict, append to the ledger (one transaction), then
+write the lines; the JSONL file appears under its name only when the whole batch is done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows import stages
+from flows.registry import _public_uri, open_registry
+from flows.tracking import tracking_uri
+from pipeline_steps.config import Params
+from pipeline_steps.errors import DataError, TrackingError
+from pipeline_steps.governance.ledger import Ledger, open_ledger
+from pipeline_steps.governance.prediction import (
+    PREDICTION,
+    ModelRef,
+    Provenance,
+    ledger_payload,
+    predict_batch,
+)
+from pipeline_steps.governance.serving import ServingConfig
+from pipeline_steps.governance.stages import STAGE_ALIASES, TransitionError, parse_stage, stage_of
+from pipeline_steps.layout import Layout
+
+log = logging.getLogger("radflow")
+
+CHUNK = 32  # images read, predicted and ledgered together
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A registered version, loaded: the Keras detector, its serving config and where it came from."""
+
+    detector: Any  # keras.Model
+    config: ServingConfig
+    ref: ModelRef
+    data_version: str
+
+
+def _stage_alias(stage: str) -> str:
+    return STAGE_ALIASES[parse_stage(stage)][0]
+
+
+def resolve_version(
+    layout: Layout, params: Params, *, stage: str | None = None, version: str | None = None
+) -> tuple[ModelRef, str]:
+    """(model reference, data version) of `--version N`, or of the version holding `--stage`
+    (production by default). Raises TransitionError when nothing holds the stage."""
+    if stage and version:
+        raise DataError("give either a stage or a version, not both")
+    registry = open_registry(layout, params.register_.model_name)
+    aliases = registry.aliases()
+    if version is None:
+        alias = _stage_alias(stage or "production")
+        if alias not in aliases:
+            raise TransitionError(
+                f"no version of {registry.model_name} is in {parse_stage(stage or 'production')}; "
+                "promote one (`radflow promote VERSION --to production`) or pass --version N"
+            )
+        version = aliases[alias]
+    info = registry.version(str(version))
+    held = parse_stage(stage) if stage else stage_of(info.version, aliases)
+    ref = ModelRef(registry.model_name, info.version, held, info.run_id)
+    return ref, info.tags.get("data_version", "")
+
+
+def load_model(
+    layout: Layout, params: Params, *, stage: str | None = None, version: str | None = None
+) -> LoadedModel:
+    """Resolve and load a registered version (its pyfunc's Keras detector and serving config)."""
+    import mlflow
+
+    ref, data_version = resolve_version(layout, params, stage=stage, version=version)
+    uri = tracking_uri(layout)
+    mlflow.set_tracking_uri(uri)
+    try:
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{ref.name}/{ref.version}")
+        model = pyfunc.unwrap_python_model()
+        detector, config = model.detector, model.config
+    except AttributeError:
+        raise DataError(
+            f"{ref.name} version {ref.version} is not a radflow DICOM model (registered before the "
+            "pyfunc existed?); predict with a newer version"
+        ) from None
+    except Exception as exc:
+        raise TrackingError(
+            f"cannot load {ref.name} version {ref.version} from {_public_uri(uri)}: "
+            f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}"
+        ) from None
+    return LoadedModel(detector, config, ref, data_version)
+
+
+def list_inputs(source: Path) -> list[Path]:
+    """A file, or every non-hidden file under a folder (DICOMs often have no extension), sorted."""
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise DataError(f"{source}: no such file or folder")
+    found = sorted(
+        p
+        for p in source.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(source).parts)
+    )
+    if not found:
+        raise DataError(f"{source}: the folder holds no files")
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Delivery: ledger first, then the caller's outputs
+
+
+@contextmanager
+def jsonl_sink(out: Path) -> Iterator[IO[str]]:
+    """Lines go to `<out>.partial`, renamed to `out` only when the batch finished."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    fh = partial.open("w", encoding="utf-8")
+    try:
+        yield fh
+        fh.flush()
+        os.fsync(fh.fileno())
+        fh.close()
+        os.replace(partial, out)
+    finally:
+        if not fh.closed:
+            fh.close()
+        partial.unlink(missing_ok=True)
+
+
+def record_predictions(ledger: Ledger, records: Sequence[dict[str, Any]]) -> int:
+    """Append the records to the ledger in one transaction; returns the last row's seq."""
+    with ledger.writing() as writer:
+        for record in records:
+            entry = writer.append(PREDICTION, record["prediction_id"], ledger_payload(record))
+    return entry.seq
+
+
+def write_reports(
+    records: Sequence[dict[str, Any]], paths: Sequence[Path], model: ModelRef, sr_out: Path
+) -> int:
+    """One DICOM SR per predicted image into the caller's folder; returns how many were written."""
+    from pipeline_steps.governance.sr import write_sr
+
+    written = 0
+    for record, path in zip(records, paths, strict=True):
+        if "error" in record:
+            continue
+        write_sr(
+            path,
+            record["boxes"],
+            prediction_id=record["prediction_id"],
+            model_name=model.name,
+            model_version=model.version,
+            out_dir=sr_out,
+        )
+        written += 1
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# The flow
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    out: str
+    images: int
+    predicted: int
+    failed: int
+    boxes: int
+    reports: int
+    model: dict[str, Any]
+    ledger_rows: tuple[int, int] | None  # first and last seq written
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__, ledger_rows=list(self.ledger_rows) if self.ledger_rows else None)
+
+
+def _progress_logger(total: int) -> Callable[[int], None]:
+    logger = get_run_logger()
+    marks: set[int] = set()
+
+    def report(done: int) -> None:
+        decile = done * 10 // max(total, 1)
+        if decile not in marks:
+            marks.add(decile)
+            logger.info("batch_prediction: %d/%d images", done, total)
+
+    return report
+
+
+load_model_task = task(name="load_model", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)(
+    load_model
+)
+# No retries below: a chunk's ledger rows commit before its lines are written, and a retry would
+# record the same images again under new ids.
+predict_task = task(name="predict", cache_policy=NO_CACHE)(predict_batch)
+record_task = task(name="record_predictions", cache_policy=NO_CACHE)(record_predictions)
+
+
+@flow(name="batch_prediction", log_prints=True)
+def batch_prediction(
+    workspace: str,
+    source: str,
+    out: str,
+    stage: str | None = None,
+    version: str | None = None,
+    threshold: float | None = None,
+    sr_out: str | None = None,
+    progress_bar: bool = False,
+) -> dict[str, Any]:
+    from flows import workspace as ws
+    from pipeline_steps.validate import pseudonym_key
+
+    layout, params = stages.open_workspace(Path(workspace))
+    files = list_inputs(Path(source))
+    model = load_model_task(layout, params, stage=stage, version=version)
+    cutoff = model.config.test.score_threshold if threshold is None else float(threshold)
+    provenance = Provenance(model.ref, model.data_version, ws.code_version())
+    key = pseudonym_key()
+    logger = get_run_logger()
+    logger.info(
+        "batch_prediction: %d file(s) with %s version %s (%s), threshold %.3f",
+        len(files),
+        model.ref.name,
+        model.ref.version,
+        model.ref.stage or "no stage",
+        cutoff,
+    )
+    report = _progress_logger(len(files))
+    bar = _tqdm(len(files)) if progress_bar else None
+    predicted = failed = boxes = reports = 0
+    first = last = None
+    with open_ledger(layout.root) as ledger, jsonl_sink(Path(out)) as sink:
+        for start in range(0, len(files), CHUNK):
+            chunk = files[start : start + CHUNK]
+            records = predict_task(
+                model.detector,
+                [(str(p), p) for p in chunk],
+                model.config,
+                params.ingest,
+                provenance,
+                threshold=cutoff,
+                key=key,
+            )
+            seq = record_task(ledger, records)
+            first = first or seq - len(records) + 1
+            last = seq
+            for record in records:
+                sink.write(json.dumps(record, sort_keys=True) + "\n")
+            if sr_out:
+                reports += write_reports(records, chunk, model.ref, Path(sr_out))
+            failed += sum("error" in r for r in records)
+            predicted += sum("error" not in r for r in records)
+            boxes += sum(len(r["boxes"]) for r in records)
+            report(start + len(chunk))
+            if bar is not None:
+                bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    summary = BatchSummary(
+        out=str(out),
+        images=len(files),
+        predicted=predicted,
+        failed=failed,
+        boxes=boxes,
+        reports=reports,
+        model=model.ref.as_dict(),
+        ledger_rows=(first, last) if first is not None and last is not None else None,
+    )
+    logger.info(
+        "batch_prediction: %d predicted, %d failed, %d box(es); ledger rows %s",
+        predicted,
+        failed,
+        boxes,
+        summary.ledger_rows,
+    )
+    return summary.as_dict()
+
+
+def _tqdm(total: int) -> Any:
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="predict", unit="img", file=sys.stderr, disable=None)

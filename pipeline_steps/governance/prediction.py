@@ -1,0 +1,261 @@
+"""Predictions as audit records: a DICOM goes through ingestion's checks, de-identification and the
+training transforms, and comes out as one self-describing record (and a PHI-free ledger payload).
+
+Plain functions over a loaded Keras model; reading the registry, writing JSONL or the ledger is the
+job of `flows/predict.py` and `flows/api.py`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline_steps.config import IngestParams
+from pipeline_steps.deid import pseudonym
+from pipeline_steps.dicom_io import DicomImage, HeaderValueError, UnreadableDicom, scan_header
+from pipeline_steps.dicom_io import read_image as read_dicom_image
+from pipeline_steps.errors import DataError
+from pipeline_steps.governance.serving import ServingConfig, box_records, detect
+from pipeline_steps.ingest import file_sha256, image_id_for
+
+if TYPE_CHECKING:
+    import keras
+
+PREDICTION = "prediction"  # the ledger kind of every prediction, batch or online
+UID_KIND = "sop_instance_uid"  # the pseudonym kind of the salted SOP Instance UID hash
+RECORD_KEYS = (
+    "prediction_id",
+    "image",
+    "image_sha256",
+    "file_sha256",
+    "sop_instance_uid_hash",
+    "boxes",
+    "model",
+    "data_version",
+    "code_version",
+    "threshold",
+    "created_at",
+)
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+class InputRejected(DataError):
+    """An input that ingestion would not accept, or that cannot be decoded; `reason` is its code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """The registered version that made a prediction, and the stage it was served from."""
+
+    name: str
+    version: str
+    stage: str | None  # the alias it was loaded through (or holds), None for a bare version
+    run_id: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "stage": self.stage,
+            "run_id": self.run_id,
+        }
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What every record of one model states about where it came from."""
+
+    model: ModelRef
+    data_version: str  # DVC md5 of the data the model was trained on (the version's tag)
+    code_version: str  # the radflow code that made the prediction
+
+
+@dataclass(frozen=True)
+class Screened:
+    """An input that passed ingestion's checks, decoded, with its identifiers reduced to hashes."""
+
+    image: DicomImage
+    file_sha256: str
+    sop_instance_uid_hash: str
+
+
+# --------------------------------------------------------------------------------------------
+# Identifiers
+
+
+def new_prediction_id(now_ms: int | None = None, entropy: bytes | None = None) -> str:
+    """A ULID: 48-bit millisecond time + 80 random bits in Crockford base32, so ids sort by time."""
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    rand = secrets.token_bytes(10) if entropy is None else entropy
+    if not 0 <= ms < 1 << 48 or len(rand) != 10:
+        raise ValueError("a ULID needs a 48-bit time and 10 bytes of entropy")
+    value = (ms << 80) | int.from_bytes(rand, "big")
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def uid_hash(uid: str, key: str) -> str:
+    """The keyed (salted) hash of a UID: stable per key, unlinkable to the UID without the key."""
+    return pseudonym(uid.strip(), key, UID_KIND)
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading: ingestion's verdict first, then the training reader
+
+
+def read_input(path: Path, ingest: IngestParams, key: str) -> Screened:
+    """Screen `path` as ingestion does (same reason codes) and decode it as training does.
+
+    Raises InputRejected with the ingestion reason code (or `decode_failed`).
+    """
+    from pipeline_steps.validate import reject_reason
+
+    try:
+        header = scan_header(path)
+        verdict = reject_reason(header.dataset, ingest, header=header)
+        uid = str(header.dataset.get("SOPInstanceUID", "") or "")
+    except UnreadableDicom as exc:
+        raise InputRejected(exc.reason, str(exc)) from None
+    except HeaderValueError as exc:
+        raise InputRejected("corrupt", f"{path.name}: {exc}") from None
+    if verdict is not None:
+        reason, message = verdict
+        raise InputRejected(reason, f"{path.name}: {message}")
+    try:
+        image = read_dicom_image(path, ingest.default_spacing_mm)
+    except DataError as exc:
+        raise InputRejected("decode_failed", str(exc)) from None
+    return Screened(
+        image=image,
+        file_sha256=file_sha256(path),
+        sop_instance_uid_hash=uid_hash(uid, key) if uid else "",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+
+
+def build_record(
+    prediction_id: str,
+    image: str,
+    screened: Screened,
+    boxes: np.ndarray,
+    provenance: Provenance,
+    threshold: float,
+    created_at: str,
+    label: str,
+) -> dict[str, Any]:
+    return {
+        "prediction_id": prediction_id,
+        "image": image,
+        "image_sha256": screened.image.pixel_sha256,
+        "file_sha256": screened.file_sha256,
+        "sop_instance_uid_hash": screened.sop_instance_uid_hash,
+        "boxes": box_records(boxes, label),
+        "model": provenance.model.as_dict(),
+        "data_version": provenance.data_version,
+        "code_version": provenance.code_version,
+        "threshold": float(threshold),
+        "created_at": created_at,
+    }
+
+
+def error_record(
+    prediction_id: str,
+    image: str,
+    reason: str,
+    message: str,
+    provenance: Provenance,
+    created_at: str,
+) -> dict[str, Any]:
+    return {
+        "prediction_id": prediction_id,
+        "image": image,
+        "error": message,
+        "reason": reason,
+        "boxes": [],
+        "model": provenance.model.as_dict(),
+        "data_version": provenance.data_version,
+        "code_version": provenance.code_version,
+        "created_at": created_at,
+    }
+
+
+def ledger_payload(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The record as the ledger keeps it: without the input path, which may name a patient.
+
+    An error message quotes the file name, so the ledger keeps only its reason code.
+    """
+    payload = {k: v for k, v in record.items() if k not in ("image", "error")}
+    payload["training_membership_key"] = (
+        image_id_for(record["file_sha256"]) if record.get("file_sha256") else None
+    )
+    return payload
+
+
+def membership(record: Mapping[str, Any], manifest: Mapping[str, str]) -> str | None:
+    """The split the predicted image was in, if the model trained or tested on it; else None.
+
+    `manifest` maps the training manifest's content hash (ingestion's file id) to its split.
+    """
+    key = record.get("training_membership_key")
+    if not key and record.get("file_sha256"):
+        key = image_id_for(str(record["file_sha256"]))
+    return manifest.get(str(key)) if key else None
+
+
+# --------------------------------------------------------------------------------------------
+# One batch
+
+
+def predict_batch(
+    model: keras.Model,
+    inputs: Sequence[tuple[str, Path]],
+    config: ServingConfig,
+    ingest: IngestParams,
+    provenance: Provenance,
+    *,
+    threshold: float,
+    key: str,
+    new_id: Callable[[], str] = new_prediction_id,
+    clock: Callable[[], str] = utc_now,
+) -> list[dict[str, Any]]:
+    """One record per (given name, path), in input order: boxes, or `error` and `reason`.
+
+    A file that cannot be read yields its error record and the others go on.
+    """
+    records: list[dict[str, Any] | None] = [None] * len(inputs)
+    readable: list[tuple[int, Screened]] = []
+    for i, (name, path) in enumerate(inputs):
+        try:
+            readable.append((i, read_input(path, ingest, key)))
+        except InputRejected as exc:
+            records[i] = error_record(new_id(), name, exc.reason, str(exc), provenance, clock())
+    found = detect(model, [s.image for _, s in readable], config, threshold)
+    for (i, screened), boxes in zip(readable, found, strict=True):
+        records[i] = build_record(
+            new_id(),
+            inputs[i][0],
+            screened,
+            boxes,
+            provenance,
+            threshold,
+            clock(),
+            config.label,
+        )
+    return [r for r in records if r is not None]
