@@ -13,9 +13,14 @@ import logging
 import tempfile
 import threading
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from flows.predict import LoadedModel, load_model, record_predictions, resolve_version
 from pipeline_steps.config import Params
@@ -100,13 +105,7 @@ def create_app(
     poll_s: float = 10.0,
     code_version: str = "unknown",
     key: str,
-) -> Any:
-    from contextlib import asynccontextmanager
-
-    from fastapi import FastAPI, HTTPException, Request
-    from fastapi.responses import JSONResponse
-    from starlette.concurrency import run_in_threadpool
-
+) -> FastAPI:
     served = ServedModel(model)
     watcher = AliasWatcher(served, layout, params, stage, poll_s)
 

@@ -1,0 +1,235 @@
+"""Benchmark of prediction: batch throughput and single-image latency against the model-only figures.
+
+    python benchmarks/bench_predict.py                          # a default-architecture detector
+    python benchmarks/bench_predict.py --workspace /tmp/ws      # that workspace's production model
+
+Prints, in one run, at the default input size:
+1. model-only: images/s of the detector on already-preprocessed batches (flip TTA and decoding
+   included, as served), and its single-image latency p50/p95;
+2. end to end, batch: images/s of the batch path from DICOM files on disk to ledgered JSON lines
+   (ingestion screening, decode, de-identified hashes, preprocessing, model, ledger transaction per
+   chunk, JSONL) -- the body of the `batch_prediction` flow -- and with `--workspace`, the whole
+   `batch_prediction` Prefect flow as `radflow predict` runs it (model loading excluded);
+3. end to end, single image: latency p50/p95 of one DICOM through the same path plus its own ledger
+   transaction (what `POST /predict` does besides HTTP), after warm-up.
+Each end-to-end figure is printed against the model-only one. Targets: at least 20 images/s batch
+and a p95 of at most 150 ms single-image, on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TARGETS = {"batch_images_per_s": 20.0, "single_p95_ms": 150.0}
+
+
+def _data(root: Path, n: int) -> list[Path]:
+    """n synthetic DICOMs at the default native size, generated once and reused."""
+    from pipeline_steps.config import Params
+    from pipeline_steps.synth import generate_dataset
+
+    images = root / "images"
+    found = sorted(images.glob("*.dcm")) if images.exists() else []
+    if len(found) < n:
+        generate_dataset(Params().synth, root, n_images=n, seed=4242, workers=os.cpu_count() or 1)
+        found = sorted(images.glob("*.dcm"))
+    return found[:n]
+
+
+def _model(workspace: Path | None):  # type: ignore[no-untyped-def]
+    from pipeline_steps.config import Params
+    from pipeline_steps.governance.prediction import ModelRef, Provenance
+    from pipeline_steps.governance.serving import ServingConfig
+
+    if workspace is not None:
+        from flows import stages
+        from flows.predict import load_model
+
+        layout, params = stages.open_workspace(workspace)
+        loaded = load_model(layout, params)
+        return loaded.detector, loaded.config, Provenance(loaded.ref, loaded.data_version, "bench")
+    from pipeline_steps.model import build_detector
+
+    params = Params()
+    detector = build_detector(params.preprocess.input_size, params.train)
+    config = ServingConfig.from_params(params.preprocess, params.test, params.ingest)
+    return detector, config, Provenance(ModelRef("bench", "0", None, ""), "", "bench")
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--workspace", type=Path, help="predict with this workspace's production model"
+    )
+    parser.add_argument("--n-images", type=int, default=256)
+    parser.add_argument("--single", type=int, default=100, help="single-image requests timed")
+    parser.add_argument("--root", type=Path, default=Path("/tmp/radflow-bench/predict"))
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("RADFLOW_PSEUDONYM_KEY", "bench-key")
+
+    from flows.predict import CHUNK, record_predictions
+    from pipeline_steps.config import Params
+    from pipeline_steps.dicom_io import read_image
+    from pipeline_steps.governance.ledger import Ledger
+    from pipeline_steps.governance.prediction import predict_batch
+    from pipeline_steps.governance.serving import prepare
+    from pipeline_steps.model import predict_boxes
+
+    files = _data(args.root, args.n_images)
+    detector, config, provenance = _model(args.workspace)
+    ingest = Params().ingest
+    key = os.environ["RADFLOW_PSEUDONYM_KEY"]
+    threshold = config.test.score_threshold
+    load = os.getloadavg()[0]
+    print(
+        f"{len(files)} images, input {config.preprocess.input_size}, flip TTA "
+        f"{config.test.flip_tta}; load average {load:.1f}",
+        flush=True,
+    )
+
+    # 1. model only
+    prepared = np.stack(
+        [prepare(read_image(p, ingest.default_spacing_mm), config.preprocess)[0] for p in files]
+    )
+    predict_boxes(detector, prepared[:CHUNK], config.test)  # warm-up (graph tracing)
+    start = time.perf_counter()
+    for i in range(0, len(prepared), CHUNK):
+        predict_boxes(detector, prepared[i : i + CHUNK], config.test)
+    model_rate = len(prepared) / (time.perf_counter() - start)
+    model_single = []
+    for i in range(args.single):
+        t = time.perf_counter()
+        predict_boxes(detector, prepared[i % len(prepared)][None], config.test)
+        model_single.append((time.perf_counter() - t) * 1000)
+
+    with tempfile.TemporaryDirectory(prefix="radflow-bench-predict-") as tmp:
+        ledger = Ledger(f"sqlite:///{Path(tmp) / 'ledger.db'}")
+        # 2. batch, end to end (the flow's body)
+        out = Path(tmp) / "preds.jsonl"
+        inputs = [(str(p), p) for p in files]
+        start = time.perf_counter()
+        with out.open("w") as fh:
+            for i in range(0, len(inputs), CHUNK):
+                records = predict_batch(
+                    detector,
+                    inputs[i : i + CHUNK],
+                    config,
+                    ingest,
+                    provenance,
+                    threshold=threshold,
+                    key=key,
+                )
+                record_predictions(ledger, records)
+                fh.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
+        batch_rate = len(inputs) / (time.perf_counter() - start)
+        failed = sum("error" in json.loads(line) for line in out.read_text().splitlines())
+
+        # 3. single image, end to end (the API's path without HTTP)
+        single = []
+        for i in range(args.single + 5):
+            t = time.perf_counter()
+            records = predict_batch(
+                detector,
+                [inputs[i % len(inputs)]],
+                config,
+                ingest,
+                provenance,
+                threshold=threshold,
+                key=key,
+            )
+            record_predictions(ledger, records)
+            if i >= 5:  # after warm-up
+                single.append((time.perf_counter() - t) * 1000)
+        ledger.close()
+
+        flow_rate = None
+        if args.workspace is not None:
+            from flows.predict import batch_prediction
+
+            folder = files[0].parent  # every image there (at least --n-images)
+            t = time.perf_counter()
+            summary = batch_prediction(
+                str(args.workspace), str(folder), str(Path(tmp) / "flow.jsonl")
+            )
+            flow_seconds = time.perf_counter() - t
+            flow_rate = summary["images"] / flow_seconds
+
+    figures = {
+        "images": len(files),
+        "failed": failed,
+        "load_average_start": load,
+        "load_average_end": os.getloadavg()[0],
+        "model_only_images_per_s": model_rate,
+        "model_only_single_p50_ms": statistics.median(model_single),
+        "model_only_single_p95_ms": _pct(model_single, 0.95),
+        "batch_images_per_s": batch_rate,
+        "batch_vs_model_only": batch_rate / model_rate,
+        "flow_images_per_s": flow_rate,
+        "single_p50_ms": statistics.median(single),
+        "single_p95_ms": _pct(single, 0.95),
+        "single_p95_vs_model_only": _pct(single, 0.95) / _pct(model_single, 0.95),
+    }
+    rows = [
+        ("model only, batch", f"{model_rate:.1f} img/s", "", ""),
+        (
+            "model only, single image",
+            f"p50 {figures['model_only_single_p50_ms']:.1f} ms, "
+            f"p95 {figures['model_only_single_p95_ms']:.1f} ms",
+            "",
+            "",
+        ),
+        (
+            "end to end, batch",
+            f"{batch_rate:.1f} img/s",
+            f"{batch_rate / model_rate:.2f}x model only",
+            f">= {TARGETS['batch_images_per_s']:.0f} img/s: "
+            + ("met" if batch_rate >= TARGETS["batch_images_per_s"] else "MISSED"),
+        ),
+    ]
+    if flow_rate is not None:
+        rows.append(
+            (
+                "`batch_prediction` flow (Prefect)",
+                f"{flow_rate:.1f} img/s",
+                f"{flow_rate / model_rate:.2f}x model only",
+                "met" if flow_rate >= TARGETS["batch_images_per_s"] else "MISSED",
+            )
+        )
+    rows.append(
+        (
+            "end to end, single image",
+            f"p50 {figures['single_p50_ms']:.1f} ms, p95 {figures['single_p95_ms']:.1f} ms",
+            f"p95 {figures['single_p95_vs_model_only']:.2f}x model only",
+            f"p95 <= {TARGETS['single_p95_ms']:.0f} ms: "
+            + ("met" if figures["single_p95_ms"] <= TARGETS["single_p95_ms"] else "MISSED"),
+        )
+    )
+    width = max(len(r[0]) for r in rows)
+    for name, value, ratio, target in rows:
+        print(f"{name:<{width}}  {value:<28}  {ratio:<22}  {target}")
+    print(f"load average at the end: {figures['load_average_end']:.1f}; failed inputs: {failed}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
