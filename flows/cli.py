@@ -229,12 +229,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     versioning.commit_stages(layout)
     metrics = json.loads(layout.metrics.read_text())
     decision.record_success(layout, verdict.fingerprint, result, metrics)
+    gate_file = layout.reports / "gate.json"
+    gate = json.loads(gate_file.read_text()) if gate_file.exists() else None
     summary = {
         "run_id": result["run_id"],
         "model_name": result["model_name"],
         "model_version": result["model_version"],
         "data_version": versioning.data_version(layout),
         "metrics": metrics,
+        # The champion/challenger decision on this version (the flow's `gate` step).
+        "gate": (
+            {k: gate.get(k) for k in ("passed", "reason", "stages", "production_version")}
+            if gate and str(gate.get("version")) == str(result["model_version"])
+            else None
+        ),
     }
     if args.json:
         print(json.dumps(summary))
@@ -249,7 +257,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"(run {summary['run_id']})\n"
             f"data version {summary['data_version']}\n"
             f"test metrics: {headline}\n"
-            f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{layout.mlflow_db}\n"
+            + (
+                f"gate: {summary['gate']['reason']}; now in "
+                f"{(summary['gate']['stages'] or ['candidate'])[-1]}\n"
+                if summary["gate"]
+                else ""
+            )
+            + f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{layout.mlflow_db}\n"
             f"reports: {layout.reports}"
         )
     return 0

@@ -76,7 +76,17 @@ def _version_tags(ws: Path, name: str, version: str) -> dict[str, str]:
 def test_run_registers_a_version_tagged_with_the_dvc_data_version(trained):
     ws, run = trained
     summary = json.loads(run.stdout.strip().splitlines()[-1])
-    assert set(summary) == {"run_id", "model_name", "model_version", "data_version", "metrics"}
+    assert set(summary) == {
+        "run_id",
+        "model_name",
+        "model_version",
+        "data_version",
+        "metrics",
+        "gate",
+    }
+    # the first version faces no production model; the tiny model misses the absolute floors
+    assert summary["gate"]["production_version"] is None
+    assert summary["gate"]["passed"] is False and summary["gate"]["stages"] == []
     md5 = yaml.safe_load((ws / "data" / "raw.dvc").read_text())["outs"][0]["md5"]
     assert summary["data_version"] == md5
     assert summary["model_version"] == "1"

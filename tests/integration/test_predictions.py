@@ -95,7 +95,11 @@ def predicted(workspace, tmp_path_factory):
     )
     assert done.returncode == 0, done.stderr[-4000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    return {"summary": json.loads(done.stdout.strip().splitlines()[-1]), "records": records}
+    return {
+        "summary": json.loads(done.stdout.strip().splitlines()[-1]),
+        "records": records,
+        "log": done.stdout + done.stderr,
+    }
 
 
 def _ledger_rows(ws: Path, kind: str = "prediction") -> list[dict]:
@@ -157,6 +161,8 @@ def test_every_prediction_is_in_the_ledger_without_paths_or_identifiers(workspac
     assert phi and uids
     leaks = [v for v in phi | uids | {"Testperson", "a_Testperson_Ada"} if v.encode() in blob]
     assert not leaks, leaks
+    # nor in what the command printed (Prefect's run log included)
+    assert not [v for v in phi | uids | {"Testperson"} if v in predicted["log"]]
 
 
 def test_sr_reports_hold_the_same_boxes_and_reference_the_source(predicted, tmp_path):
