@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import stages, versioning
-from pipeline_steps import features, preprocess, validate
+from pipeline_steps import preprocess, validate
 
 
 def _progress(stage: str) -> Callable[[int, int], None]:
@@ -32,7 +32,9 @@ def _progress(stage: str) -> Callable[[int, int], None]:
 # result cache is off; skipping unchanged work is DVC's and the run decision's job.
 validate_task = task(name="validate", cache_policy=NO_CACHE)(validate.run)
 preprocess_task = task(name="preprocess", cache_policy=NO_CACHE)(preprocess.run)
-extract_features_task = task(name="extract_features", cache_policy=NO_CACHE)(features.run)
+extract_features_task = task(name="extract_features", cache_policy=NO_CACHE)(
+    stages.extract_features
+)
 train_task = task(name="train", cache_policy=NO_CACHE)(stages.train)
 test_task = task(name="test", cache_policy=NO_CACHE)(stages.test)
 register_task = task(
@@ -51,7 +53,7 @@ def training_pipeline(workspace: str) -> dict[str, Any]:
         layout, params.ingest, params.validate_, data_version=versioning.data_version(layout)
     )
     preprocess_task(layout, params.preprocess, progress=_progress("preprocess"))
-    extract_features_task(layout, params.extract_features, progress=_progress("extract_features"))
+    extract_features_task(layout, params, progress=_progress("extract_features"))
     train_task(layout, params)
     test_task(layout, params)
     registered = register_task(layout, params)

@@ -20,6 +20,40 @@ def open_workspace(root: Path) -> tuple[Layout, Params]:
     return layout, workspace.load(layout)
 
 
+def extract_features(
+    layout: Layout, params: Params, progress: Callable[[int, int], None] | None = None
+) -> object:
+    """Radiomic features, plus embeddings from the champion's backbone when MLflow has one.
+
+    Without a champion (none yet, or MLflow unreachable) the stage still succeeds, without
+    embeddings, and the log says why."""
+    from pipeline_steps import features
+
+    if not params.extract_features.embeddings:
+        log.info("extract_features: no CNN embeddings (extract_features.embeddings is false)")
+        return features.run(layout, params.extract_features, progress)
+    champion, why = tracking.load_champion(layout, params.register_.model_name)
+    embedder = None
+    if champion is None:
+        log.info("extract_features: no CNN embeddings: %s", why)
+    else:
+        try:
+            embedder = features.build_embedder(
+                champion.model,
+                params.preprocess.input_size,
+                model_version=f"{champion.model_name}/{champion.version}",
+                run_id=champion.run_id,
+            )
+        except Exception as exc:  # an architecture without 2-D feature maps, say
+            log.warning(
+                "extract_features: no CNN embeddings: the champion %s/%s has no usable backbone (%s)",
+                champion.model_name,
+                champion.version,
+                exc,
+            )
+    return features.run(layout, params.extract_features, progress, embedder=embedder)
+
+
 def train(layout: Layout, params: Params) -> dict[str, object]:
     from pipeline_steps import train as train_step
 
@@ -81,7 +115,7 @@ def run_stage(
     name: str, layout: Layout, params: Params, progress: Callable[[int, int], None] | None
 ) -> object:
     """One stage by name, as `dvc repro` runs it (no Prefect)."""
-    from pipeline_steps import features, preprocess, validate
+    from pipeline_steps import preprocess, validate
 
     if name == "validate":
         return validate.run(
@@ -90,7 +124,7 @@ def run_stage(
     if name == "preprocess":
         return preprocess.run(layout, params.preprocess, progress)
     if name == "extract_features":
-        return features.run(layout, params.extract_features, progress)
+        return extract_features(layout, params, progress)
     if name == "train":
         return train(layout, params)
     if name == "test":

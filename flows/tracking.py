@@ -13,6 +13,8 @@ import os
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -197,3 +199,80 @@ def log_and_register(layout: Layout, registration: Registration, model_path: Pat
         json.dumps(result.__dict__ | {"tags": registration.tags}, indent=2)
     )
     return result
+
+
+CHAMPION_ALIAS = "production"  # the registry alias of the champion (also `champion`; see registry)
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The Keras-native copy of the registered version in production, and where it came from."""
+
+    model: object  # keras.Model
+    model_name: str
+    version: str
+    run_id: str
+
+
+@contextmanager
+def _short_retries(attempts: int = 2, timeout_s: int = 20) -> Iterator[None]:
+    """Bound MLflow's HTTP retries (by default ~7 with exponential backoff, minutes of waiting) for a
+    lookup whose failure is not fatal; values the user set are kept."""
+    names = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(attempts),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s),
+    }
+    added = [name for name in names if name not in os.environ]
+    os.environ.update({name: names[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def load_champion(layout: Layout, model_name: str) -> tuple[Champion | None, str]:
+    """The champion's Keras model, or None and a sentence saying why there is none (no registered
+    model, no version in production, MLflow unreachable, the artifact missing). Never raises: a
+    stage that merely benefits from the champion goes on without it."""
+    from urllib.parse import urlsplit
+
+    uri = tracking_uri(layout)
+    parts = urlsplit(uri)
+    # Messages go to logs: never the credentials a tracking URI may carry.
+    shown = (
+        parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        if "@" in parts.netloc
+        else uri
+    )
+    if uri == f"sqlite:///{layout.mlflow_db}" and not layout.mlflow_db.exists():
+        # Opening the embedded store would create it (and import MLflow) just to find it empty.
+        return None, f"no model is registered yet ({layout.mlflow_db.name} does not exist)"
+    try:
+        import mlflow
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        with _short_retries():
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            try:
+                registered = client.get_registered_model(model_name)
+            except MlflowException as exc:
+                if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                    return None, f"no model named {model_name} is registered at {shown}"
+                raise
+            # Read from the model's alias map: a missing alias is an answer, not an error.
+            aliases = {str(k): str(v) for k, v in dict(registered.aliases or {}).items()}
+            if CHAMPION_ALIAS not in aliases:
+                return None, f"no version of {model_name} holds the alias {CHAMPION_ALIAS!r}"
+            mv = client.get_model_version(model_name, aliases[CHAMPION_ALIAS])
+            source = f"runs:/{mv.run_id}/{KERAS_NAME}"
+            model = mlflow.keras.load_model(source)
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        return (
+            None,
+            f"the champion could not be loaded from MLflow at {shown} "
+            f"({type(exc).__name__}: {first})",
+        )
+    return Champion(model, model_name, str(mv.version), str(mv.run_id or "")), ""

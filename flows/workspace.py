@@ -22,6 +22,8 @@ WORKSPACE_GITIGNORE = [
     "/models/detector.keras",
     "/reports/test_predictions.parquet",
     "/reports/baseline_predictions.parquet",
+    # champion-model embeddings: derived from the registry's model, not DVC-tracked (features.py)
+    "/data/features/embeddings.parquet",
     # Great Expectations Data Docs: rebuilt on every validation, browsed locally
     "/reports/data_docs/",
     # the audit ledger (SQLite by default): append-only local state, not data

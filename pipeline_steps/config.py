@@ -166,6 +166,9 @@ class ExtractFeaturesParams(_Section):
     histogram_quantiles: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
     glcm_levels: int = Field(32, ge=2, le=256, description="grey levels of the co-occurrence")
     glcm_distances: tuple[int, ...] = (1, 4)
+    # CNN embeddings from the backbone of the champion (registry alias `production`), when one is
+    # registered; written to data/features/embeddings.parquet, outside DVC (pipeline_steps/features.py).
+    embeddings: bool = True
     drift: DriftParams = DriftParams()
 
     @model_validator(mode="after")
@@ -198,6 +201,11 @@ class TrainParams(_Section):
     lesion_crop_fraction: float = Field(0.5, ge=0.0, le=1.0)
     shuffle_buffer: int = Field(256, ge=1, description="examples held for streaming shuffle")
     deterministic: bool = Field(True, description="TF op determinism (process-wide)")
+    # Fixed gaussian-derivative (Hessian) input channels at these scales, in input pixels.
+    hessian_sigmas: tuple[float, ...] = Field((), description="Hessian channel scales (px)")
+    # Share of training samples that get one or two training lesions pasted in, shrunk to small
+    # nodule size (train.LesionPaste): more examples of the small nodules the detector misses.
+    paste_fraction: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class BaselineParams(_Section):
@@ -229,7 +237,9 @@ class TestParams(_Section):
     # Metrics decode down to this score so FROC and AP see the whole curve, not only the
     # operating point; score_threshold stays the threshold predictions are served at.
     metrics_score_floor: float = Field(0.01, ge=0.0, le=1.0)
-    max_detections: int = Field(5, ge=1)
+    # Per image, highest score first. 5 capped the FROC curve below 5 FP/image and could hide
+    # false positives on cluttered images; at most 3 lesions per image, 20 leaves the curve free.
+    max_detections: int = Field(20, ge=1)
     nms_iou: float = Field(0.3, gt=0.0, le=1.0)
     # Predict each image and its mirror and fuse the two (model.fuse_flipped); twice the cost.
     flip_tta: bool = True

@@ -42,11 +42,16 @@ _MAX_FRAGMENTS = 100_000  # beyond this the fragment walk is left to the decoder
 # - pylibjpeg-openjpeg (MIT, default): JPEG 2000 and HTJ2K.
 # - pylibjpeg-rle (MIT, default): faster RLE; pydicom also decodes RLE by itself.
 # - Pillow (MIT-CMU, installed with the stack): JPEG Baseline and 8-bit JPEG Extended, JPEG 2000.
+# - pyjpegls (BSD-3, default; CharLS): JPEG-LS.
 # - pylibjpeg-libjpeg (GPLv3, the opt-in `jpeg` extra): JPEG Lossless (common for CR/DX),
 #   12-bit JPEG Extended and JPEG-LS. python-gdcm (BSD) covers the same syntaxes.
 _LIBJPEG_ADVICE = (
     "install pylibjpeg-libjpeg (GPLv3) via the `jpeg` extra (pip install 'radflow[jpeg]'), "
     "or python-gdcm"
+)
+_JPEGLS_ADVICE = (
+    "install pyjpegls (BSD-3, a radflow dependency: the environment is incomplete), "
+    "or pylibjpeg-libjpeg via the `jpeg` extra"
 )
 _OPENJPEG_ADVICE = (
     "install pylibjpeg-openjpeg (a radflow dependency: the environment is incomplete)"
@@ -56,8 +61,8 @@ _ADVICE = {
     "1.2.840.10008.1.2.4.51": _LIBJPEG_ADVICE,
     "1.2.840.10008.1.2.4.57": _LIBJPEG_ADVICE,
     "1.2.840.10008.1.2.4.70": _LIBJPEG_ADVICE,
-    "1.2.840.10008.1.2.4.80": _LIBJPEG_ADVICE,
-    "1.2.840.10008.1.2.4.81": _LIBJPEG_ADVICE,
+    "1.2.840.10008.1.2.4.80": _JPEGLS_ADVICE,
+    "1.2.840.10008.1.2.4.81": _JPEGLS_ADVICE,
     "1.2.840.10008.1.2.4.90": _OPENJPEG_ADVICE,
     "1.2.840.10008.1.2.4.91": _OPENJPEG_ADVICE,
     "1.2.840.10008.1.2.4.201": _OPENJPEG_ADVICE,
@@ -302,6 +307,10 @@ def modality_lut_of(ds: Dataset) -> tuple[str, float, float]:
 def rescale_problem(ds: Dataset) -> str | None:
     """A rescale that would flatten or poison every pixel (seen in real headers), or None."""
     _, slope, intercept = modality_lut_of(ds)
+    return _rescale_problem(slope, intercept)
+
+
+def _rescale_problem(slope: float, intercept: float) -> str | None:
     if slope == 0.0 or not math.isfinite(slope) or not math.isfinite(intercept):
         return f"RescaleSlope {slope} / RescaleIntercept {intercept} would destroy the image"
     return None
@@ -327,6 +336,37 @@ def missing_decoder(transfer_syntax: str, bits_stored: int = 0) -> str | None:
     ):
         return f"Pillow decodes only 8-bit {uid.name}, this file has {bits_stored} bits: {advice}"
     return None
+
+
+def _exact_in_float32(dtype: np.dtype, slope: float, intercept: float) -> bool:
+    """Whether every stored value of `dtype`, rescaled, stays an integer below 2**24 in magnitude:
+    then float32 arithmetic is exact at each step and equals the float64 result rounded once."""
+    if dtype.kind not in "ui" or dtype.itemsize > 2:
+        return False
+    if not (slope.is_integer() and intercept.is_integer()):
+        return False
+    info = np.iinfo(dtype)
+    largest = max(abs(int(info.min)), abs(int(info.max)))
+    return largest * abs(slope) + abs(intercept) < 2**24
+
+
+def rescale(raw: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """Stored values -> modality values (raw * slope + intercept) as float32.
+
+    An identity or integer rescale of 8/16-bit pixels is computed in float32 in place (one buffer
+    instead of three float64 temporaries); it is bit-for-bit the float64 result rounded to float32,
+    because every intermediate is an integer float32 holds exactly. Anything else goes through
+    float64, as the DICOM standard's arithmetic would."""
+    if slope == 1.0 and intercept == 0.0 and raw.dtype.kind in "ui" and raw.dtype.itemsize <= 4:
+        # int -> float32 rounds once, as int -> float64 (exact for 32 bits) -> float32 does.
+        return raw.astype(np.float32)
+    if _exact_in_float32(raw.dtype, slope, intercept):
+        out = raw.astype(np.float32)
+        out *= np.float32(slope)
+        # Added even when 0: it turns a -0.0 (0 * negative slope) into +0.0, as float64 does.
+        out += np.float32(intercept)
+        return out
+    return np.asarray(raw.astype(np.float64) * slope + intercept, dtype=np.float32)
 
 
 def pixel_hash(raw: np.ndarray) -> str:
@@ -593,9 +633,11 @@ def read_header(path: Path) -> Dataset:
     return scan_header(path).dataset
 
 
-def read_image(path: Path, default_spacing_mm: float) -> DicomImage:
+def read_image(path: Path, default_spacing_mm: float, *, hash_pixels: bool = True) -> DicomImage:
     """Decode a single-frame grayscale image and apply its Modality LUT; the VOI LUT is kept, not applied.
 
+    `hash_pixels=False` skips the SHA-256 of the stored pixels (~1 ms per 2 MB image), leaving
+    `pixel_sha256` empty: for callers that key images by file content already (preprocess).
     Raises only DataError (naming the file), so a batch can report a bad file and go on.
     """
     with values_unvalidated():
@@ -605,7 +647,7 @@ def read_image(path: Path, default_spacing_mm: float) -> DicomImage:
         except OSError as exc:
             raise DataError(f"{path.name}: cannot be opened ({type(exc).__name__})") from None
         try:
-            return _decode(ds, path.name, default_spacing_mm)
+            return _decode(ds, path.name, default_spacing_mm, hash_pixels)
         except DataError:
             raise
         except Exception as exc:  # a damaged element raises on first use, with any exception type
@@ -614,7 +656,9 @@ def read_image(path: Path, default_spacing_mm: float) -> DicomImage:
             ) from None
 
 
-def _decode(ds: Dataset, name: str, default_spacing_mm: float) -> DicomImage:
+def _decode(
+    ds: Dataset, name: str, default_spacing_mm: float, hash_pixels: bool = True
+) -> DicomImage:
     try:
         photometric = text_tag(ds, "PhotometricInterpretation").upper()
         samples = int_tag(ds, "SamplesPerPixel", 1)
@@ -646,20 +690,20 @@ def _decode(ds: Dataset, name: str, default_spacing_mm: float) -> DicomImage:
     rows, cols = ds.get("Rows"), ds.get("Columns")
     if raw.ndim != 2 or raw.shape != (rows, cols):
         raise DataError(f"{name}: decoded shape {raw.shape} is not Rows x Columns {rows}x{cols}")
-    problem = rescale_problem(ds)
+    source, slope, intercept = modality_lut_of(ds)  # read once: each tag access converts its value
+    problem = _rescale_problem(slope, intercept)
     if problem:
         raise DataError(f"{name}: {problem}")
-    source, slope, intercept = modality_lut_of(ds)
     if source == "lut_sequence":
-        modality = apply_modality_lut(raw, ds)
+        modality = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
     else:
-        modality = raw.astype(np.float64) * slope + intercept
+        modality = rescale(raw, slope, intercept)
     return DicomImage(
-        pixels=np.asarray(modality, dtype=np.float32),
+        pixels=modality,
         photometric=photometric,
         window=window_of(ds),
         spacing=resolve_spacing(ds, default_spacing_mm),
-        pixel_sha256=pixel_hash(raw),
+        pixel_sha256=pixel_hash(raw) if hash_pixels else "",
         voi_lut=voi_lut_of(ds),
         modality_lut=source,
     )

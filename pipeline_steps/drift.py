@@ -234,17 +234,67 @@ current: {report.n_current} images.</p>
 
 
 def write_report(
-    report: DriftReport, reference: pd.DataFrame, current: pd.DataFrame, out_dir: Path
+    report: DriftReport,
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    out_dir: Path,
+    embeddings: dict[str, object] | None = None,
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "drift.json").write_text(json.dumps(report.to_json(), indent=2))
-    (out_dir / "drift.html").write_text(render_html(report, reference, current))
+    document = report.to_json() | ({"embeddings": embeddings} if embeddings else {})
+    (out_dir / "drift.json").write_text(json.dumps(document, indent=2))
+    page = render_html(report, reference, current)
+    if embeddings:
+        note = html.escape(json.dumps(embeddings))
+        page = page.replace("</body>", f"<p>CNN embeddings: <code>{note}</code></p></body>")
+    (out_dir / "drift.html").write_text(page)
 
 
-def run(layout: Layout, params: DriftParams, current: pd.DataFrame) -> DriftReport | None:
+def embedding_drift(
+    reference: pd.DataFrame | None,
+    reference_version: str,
+    current: pd.DataFrame | None,
+    current_version: str,
+    params: DriftParams,
+) -> dict[str, object]:
+    """Drift of the champion's embeddings, only when both sides come from the same model version.
+
+    Reported beside the radiomic decision, not counted in it: a new champion changes every
+    dimension's meaning, and per-dimension tests on a few hundred dimensions are a crude signal."""
+    if current is None:
+        return {"status": "no_embeddings", "note": "no champion model embedded the current images"}
+    if reference is None:
+        return {"status": "no_reference_embeddings", "model_version": current_version}
+    if reference_version != current_version:
+        return {
+            "status": "model_mismatch",
+            "model_version": current_version,
+            "reference_model_version": reference_version,
+            "note": "embeddings from different models are not comparable; re-extract the "
+            "reference's features with the current champion",
+        }
+    report = compare(reference, current, params)
+    return {
+        "status": "compared",
+        "model_version": current_version,
+        "dimensions": len(report.features),
+        "flagged": report.flagged,
+        "max_psi": max((f.psi for f in report.features), default=0.0),
+        "max_ks": max((f.ks for f in report.features), default=0.0),
+    }
+
+
+def run(
+    layout: Layout,
+    params: DriftParams,
+    current: pd.DataFrame,
+    embeddings: pd.DataFrame | None = None,
+) -> DriftReport | None:
     """Stage edge: compare `current` with the configured reference table; write reports/drift/.
 
-    Without a configured reference the report says so (the stage's outputs always exist)."""
+    Without a configured reference the report says so (the stage's outputs always exist).
+    `embeddings` (with its `model_version` column) is compared with the `embeddings.parquet` next
+    to the reference, when that one was made by the same model version."""
     out_dir = layout.reports / "drift"
     if not params.reference:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -275,7 +325,16 @@ def run(layout: Layout, params: DriftParams, current: pd.DataFrame) -> DriftRepo
         params.reference,
         report.skipped,
     )
-    write_report(report, reference, current, out_dir)
+    ref_embeddings, ref_version = _embeddings_beside(path)
+    version = (
+        str(embeddings["model_version"].iloc[0])
+        if embeddings is not None and len(embeddings)
+        else ""
+    )
+    section = embedding_drift(
+        ref_embeddings, ref_version, embeddings if version else None, version, params
+    )
+    write_report(report, reference, current, out_dir, section)
     log.log(
         logging.WARNING if report.drift else logging.INFO,
         "extract_features: drift %s (%d of %d features flagged: %s)",
@@ -285,3 +344,14 @@ def run(layout: Layout, params: DriftParams, current: pd.DataFrame) -> DriftRepo
         ", ".join(report.flagged) or "none",
     )
     return report
+
+
+def _embeddings_beside(reference: Path) -> tuple[pd.DataFrame | None, str]:
+    """The embeddings.parquet next to a reference features table, and its model version."""
+    path = reference.parent / "embeddings.parquet"
+    if not path.is_file():
+        return None, ""
+    table = pd.read_parquet(path)
+    if "model_version" not in table or not len(table):
+        return None, ""
+    return table, str(table["model_version"].iloc[0])

@@ -255,7 +255,7 @@ class Crash:
 def process_file(job: PixelJob, params: PreprocessParams) -> Outcome:
     """Worker: one DICOM file -> its model input. File problems come back as an Outcome, never raise."""
     try:
-        image = read_image(Path(job.path), default_spacing_mm=job.spacing_row_mm)
+        image = read_image(Path(job.path), default_spacing_mm=job.spacing_row_mm, hash_pixels=False)
     except DataError as exc:
         return Outcome(None, "decode_failed", str(exc))
     if image.pixels.shape != (job.rows, job.cols):

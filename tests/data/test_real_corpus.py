@@ -24,6 +24,8 @@ HAVE_LIBJPEG = (
     importlib.util.find_spec("libjpeg") is not None
 )  # pylibjpeg-libjpeg, the `jpeg` extra
 NO_LIBJPEG = "pylibjpeg-libjpeg (GPLv3, the optional `jpeg` extra) is not installed"
+# JPEG-LS is also decoded by pyjpegls (BSD-3), a default dependency.
+HAVE_JPEGLS = HAVE_LIBJPEG or importlib.util.find_spec("jpeg_ls") is not None
 
 # Widened so that MR/CT/NM/... images reach the decoding checks; ABDOMEN stays out on purpose.
 WIDE = IngestParams(
@@ -84,7 +86,6 @@ EXPECTED = {
     "dicomdirtests/77654033/CR1/6154": None,  # extensionless CR, MONOCHROME1
 }
 NEEDS_LIBJPEG = {
-    "MR_small_jpeg_ls_lossless.dcm": "JPEG-LS Lossless",
     "JPEG-lossy.dcm": "12-bit JPEG Extended",  # Pillow decodes only 8-bit
     "JPGExtended.dcm": "12-bit JPEG Extended",
 }
@@ -147,6 +148,14 @@ def test_missing_decoder_is_named_or_the_image_decodes(ingested, name, what):
         assert "pylibjpeg-libjpeg" in row["message"] and "`jpeg` extra" in row["message"]
 
 
+def test_jpeg_ls_decodes_with_the_default_dependencies(ingested):
+    images, metadata, _ = ingested
+    name = "MR_small_jpeg_ls_lossless.dcm"
+    assert HAVE_JPEGLS, "pyjpegls is a dependency: the environment is incomplete"
+    row = metadata.set_index("image_id").loc[_image_id(name)]
+    assert read_image(images / name, 1.0).pixels.shape == (row["rows"], row["columns"])
+
+
 def test_gzip_is_named_so_the_user_knows_what_to_do(ingested):
     _, _, quarantine = ingested
     assert "gzip" in quarantine.set_index("image_id").loc["zipMR.gz", "message"]
@@ -186,7 +195,7 @@ VARIANTS = [
     "MR_small_padded.dcm",
     pytest.param(
         "MR_small_jpeg_ls_lossless.dcm",
-        marks=pytest.mark.skipif(not HAVE_LIBJPEG, reason=NO_LIBJPEG),
+        marks=pytest.mark.skipif(not HAVE_JPEGLS, reason="no JPEG-LS decoder installed"),
     ),
 ]
 

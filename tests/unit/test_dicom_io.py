@@ -377,3 +377,48 @@ def test_pydicom_never_logs_or_warns_a_malformed_phi_value(tmp_path, make_dicom,
     assert "Testperson" not in caplog.text
     assert not [w for w in caught if "Testperson" in str(w.message)]
     assert pydicom.config.settings.reading_validation_mode == mode  # restored
+
+
+def _float64_rescale(raw: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """The reference arithmetic: float64, then rounded once to float32 (the reader's old path)."""
+    return np.asarray(raw.astype(np.float64) * slope + intercept, dtype=np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, np.int32, np.uint32])
+@pytest.mark.parametrize(
+    ("slope", "intercept"),
+    [(1.0, 0.0), (1.0, -1024.0), (-1.0, 0.0), (2.0, -5.0), (255.0, 3.0), (0.5, 0.25), (1.0, 0.3)],
+)
+def test_float32_rescale_is_bit_identical_to_float64_arithmetic(dtype, slope, intercept):
+    from pipeline_steps.dicom_io import rescale
+
+    info = np.iinfo(dtype)
+    if np.dtype(dtype).itemsize <= 2:
+        raw = np.arange(int(info.min), int(info.max) + 1).astype(dtype)  # every stored value
+    else:  # the extremes, where float32 rounds, and values around 2**24
+        edges = [info.min, info.min + 1, -(2**24) - 1, -(2**24), -1, 0, 1, 2**24 + 1, info.max]
+        raw = np.array([v for v in edges if info.min <= v <= info.max], dtype=dtype)
+    got = rescale(raw, slope, intercept)
+    want = _float64_rescale(raw, slope, intercept)
+    assert got.dtype == np.float32
+    # Bytes, not ==: -0.0 == 0.0, but a different bit pattern would change the cached output.
+    assert got.tobytes() == want.tobytes()
+
+
+def test_read_image_fast_path_equals_the_float64_path_on_files(tmp_path, make_dicom):
+    from pipeline_steps.dicom_io import pixel_hash
+
+    rng = np.random.default_rng(3)
+    stored = rng.integers(0, 4096, size=(64, 48), dtype=np.uint16)
+    stored[0, 0] = 0
+    for slope, intercept in ((1.0, 0.0), (1.0, -1024.0), (-1.0, 0.0), (0.5, 7.25)):
+        path = make_dicom(
+            tmp_path / f"{slope}_{intercept}.dcm", stored, slope=slope, intercept=intercept
+        )
+        image = read_image(path, 0.35)
+        want = _float64_rescale(pydicom.dcmread(path).pixel_array, slope, intercept)
+        assert image.pixels.tobytes() == want.tobytes()
+        assert image.pixel_sha256 == pixel_hash(stored)
+        unhashed = read_image(path, 0.35, hash_pixels=False)
+        assert unhashed.pixel_sha256 == ""
+        assert unhashed.pixels.tobytes() == image.pixels.tobytes()

@@ -116,3 +116,20 @@ def test_run_names_the_key_when_the_reference_is_missing(tmp_path):
     assert json.loads((layout.reports / "drift" / "drift.json").read_text())["reference"] == (
         "ref.parquet"
     )
+
+
+def test_embedding_drift_compares_only_embeddings_of_the_same_model():
+    rng = np.random.default_rng(0)
+    ref = pd.DataFrame(rng.normal(size=(300, 3)), columns=["emb_000", "emb_001", "emb_002"])
+    cur = ref.copy()
+    cur["emb_001"] += 2.0  # one dimension moved
+    params = DriftParams()
+    same = drift.embedding_drift(ref, "det/3", cur, "det/3", params)
+    assert same["status"] == "compared" and same["flagged"] == ["emb_001"]
+    assert same["dimensions"] == 3
+    other = drift.embedding_drift(ref, "det/2", cur, "det/3", params)
+    assert other["status"] == "model_mismatch" and "flagged" not in other
+    assert drift.embedding_drift(None, "", cur, "det/3", params)["status"] == (
+        "no_reference_embeddings"
+    )
+    assert drift.embedding_drift(ref, "det/3", None, "", params)["status"] == "no_embeddings"

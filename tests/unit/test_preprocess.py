@@ -103,6 +103,47 @@ def test_preprocess_image_is_quantized_unit_range(tmp_path, make_dicom):
 # splits
 
 
+@pytest.mark.parametrize(
+    ("slope", "intercept", "photometric", "window"),
+    [
+        (1.0, 0.0, "MONOCHROME2", (2048.0, 4096.0)),
+        (1.0, 0.0, "MONOCHROME1", None),  # percentile fallback
+        (1.0, -1024.0, "MONOCHROME2", (1000.0, 3000.0)),
+        (-1.0, 0.0, "MONOCHROME2", (-2048.0, 4096.0)),
+        (3.0, 5.0, "MONOCHROME1", (6000.0, 9000.0)),
+    ],
+)
+def test_model_input_is_byte_identical_to_the_float64_reader(
+    tmp_path, make_dicom, slope, intercept, photometric, window
+):
+    """The reader's float32 rescale and skipped pixel hash leave the stage's output unchanged, which
+    is why PIXEL_VERSION (and with it every cached image) survives them."""
+    import dataclasses
+
+    import pydicom
+
+    rng = np.random.default_rng(11)
+    stored = rng.integers(0, 4096, size=(300, 280), dtype=np.uint16)
+    stored[:20, :20] = 0
+    path = make_dicom(
+        tmp_path / "a.dcm",
+        stored,
+        slope=slope,
+        intercept=intercept,
+        photometric=photometric,
+        window=window,
+    )
+    params = PreprocessParams(input_size=128, window="dicom")
+    job = preprocess_step.PixelJob("k", str(path), 0.35, 0.35, 300, 280)
+    fast = preprocess_step.process_file(job, params).pixels
+    raw = pydicom.dcmread(path).pixel_array
+    old_pixels = np.asarray(raw.astype(np.float64) * slope + intercept, dtype=np.float32)
+    reference = dataclasses.replace(read_image(path, 0.35), pixels=old_pixels)
+    g = plan_geometry(300, 280, 0.35, 0.35, 128, params.target_spacing_mm)
+    assert fast is not None
+    assert fast.tobytes() == preprocess_image(reference, g, params).tobytes()
+
+
 def test_split_is_deterministic_patient_level_and_close_to_fractions():
     params = SplitParams()
     patients = [f"pat-{i:05d}" for i in range(4000)]
@@ -205,9 +246,9 @@ def count_decodes(monkeypatch):
     calls: list[str] = []
     real = preprocess_step.read_image
 
-    def counting(path, default_spacing_mm):
+    def counting(path, default_spacing_mm, **kwargs):
         calls.append(path.name)
-        return real(path, default_spacing_mm)
+        return real(path, default_spacing_mm, **kwargs)
 
     monkeypatch.setattr(preprocess_step, "read_image", counting)
     return calls
