@@ -551,7 +551,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     workspace.load(layout)  # a bad params.yaml fails before Prefect starts
     summary = batch_prediction(
         str(layout.root),
-        str(Path(args.input).resolve()),
+        args.input,  # kept as given: records name each image by the path the caller used
         str(Path(args.out).resolve()),
         stage=args.stage,
         version=args.version,

@@ -172,10 +172,13 @@ def build_detector(input_size: int, params: TrainParams) -> keras.Model:
     inputs = keras.Input((None, None, 1), name="image")
     # A local-contrast channel (image minus a ~9 px box-blur twice, i.e. a band-pass at
     # nodule scale) makes faint blobs stand out of the smooth anatomy from the first layer;
-    # BatchNormalization puts both channels on one scale.
+    # BatchNormalization puts all channels on one scale.
     blur = layers.AveragePooling2D(9, strides=1, padding="same")
     local = layers.Subtract()([inputs, blur(blur(inputs))])
-    x = layers.BatchNormalization(momentum=0.9)(layers.Concatenate()([inputs, local]))
+    channels_in = [inputs, local]
+    for k, sigma in enumerate(params.hessian_sigmas):
+        channels_in.append(_hessian_block(inputs, sigma, f"hessian_{k}"))
+    x = layers.BatchNormalization(momentum=0.9)(layers.Concatenate()(channels_in))
     x = conv_bn(x, channels[0], strides=2)  # stride 2
     features = []
     for filters in channels[1:]:
@@ -204,6 +207,48 @@ def build_detector(input_size: int, params: TrainParams) -> keras.Model:
     box = layers.Conv2D(4, 1, name="box")(h)
     outputs = layers.Concatenate(name="detections")([heat, box])
     return keras.Model(inputs, outputs, name="radflow_centernet")
+
+
+def gaussian_derivative_kernels(sigma: float) -> np.ndarray:
+    """1-D gaussian, first and second derivative taps (3, 2r+1), r = ceil(3 sigma).
+
+    The second derivative is scale-normalised by sigma^2 and the first by sigma, so that blob
+    responses compare across scales (Lindeberg); it sums to zero, so flat regions give 0.
+    """
+    radius = max(1, math.ceil(3 * sigma))
+    t = np.arange(-radius, radius + 1, dtype=np.float64)
+    g = np.exp(-(t**2) / (2 * sigma**2))
+    g /= g.sum()
+    d1 = -t / sigma**2 * g
+    d2 = (t**2 / sigma**4 - 1 / sigma**2) * g
+    d2 -= d2.sum() * g  # the truncated kernel would leak a little of the plain intensity
+    return np.stack([g, d1 * sigma, d2 * sigma**2]).astype(np.float32)
+
+
+def _hessian_block(image: Any, sigma: float, name: str) -> Any:
+    """Fixed (non-trained) separable convolutions giving L_xx, L_yy and L_xy at `sigma` pixels.
+
+    Vessels and ribs are lines and bands (one strong Hessian eigenvalue); a nodule is a blob
+    (two). Handing this second-order shape cue to a network trained for minutes was meant to
+    help it with small nodules; on the validation split it did not beyond noise (README, run
+    H1), so `train.hessian_sigmas` is empty by default. Plain Conv2D/DepthwiseConv2D layers
+    with frozen weights: the model stays serialisable without custom objects.
+    """
+    from keras import layers
+
+    g, d1, d2 = gaussian_derivative_kernels(sigma)
+    taps = len(g)
+    along_x = layers.Conv2D(
+        3, (1, taps), padding="same", use_bias=False, trainable=False, name=f"{name}_x"
+    )
+    along_y = layers.DepthwiseConv2D(
+        (taps, 1), padding="same", use_bias=False, trainable=False, name=f"{name}_y"
+    )
+    out = along_y(along_x(image))
+    # Channels: x pass (d2, g, d1) then y pass (g, d2, d1): L_xx, L_yy, L_xy.
+    along_x.set_weights([np.stack([d2, g, d1], axis=-1)[None, :, None, :]])
+    along_y.set_weights([np.stack([g, d2, d1], axis=-1)[:, None, :, None]])
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,8 +396,10 @@ def decode_detections(outputs: Any, params: TestParams, input_size: int) -> list
         order = np.argsort(-scores, kind="stable")[:_TOP_K]
         iy, ix, scores = iy[order], ix[order], scores[order]
         cells = out[i, iy, ix]
-        w = np.maximum(cells[:, 1], 0.0) * stride
-        h = np.maximum(cells[:, 2], 0.0) * stride
+        # A peak is a finding at least one output cell wide: an undertrained size head (<= 0) must
+        # not turn it into a zero-area box, which no IoU can match and serving would drop.
+        w = np.maximum(cells[:, 1], 1.0) * stride
+        h = np.maximum(cells[:, 2], 1.0) * stride
         cx = (ix + cells[:, 3]) * stride
         cy = (iy + cells[:, 4]) * stride
         boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
@@ -391,13 +438,22 @@ def predict_outputs(
         images = images[None]
     if images.ndim != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"expected images of shape (N, S, S), got {images.shape}")
-    outputs = np.asarray(model.predict(images[..., None], batch_size=batch_size, verbose=0))
+    outputs = _forward(model, images[..., None], batch_size)
     if flip_tta:
-        mirrored = images[:, :, ::-1, None].copy()
-        outputs = fuse_flipped(
-            outputs, np.asarray(model.predict(mirrored, batch_size=batch_size, verbose=0))
-        )
+        outputs = fuse_flipped(outputs, _forward(model, images[:, :, ::-1, None], batch_size))
     return outputs
+
+
+def _forward(model: keras.Model, batch: np.ndarray, batch_size: int) -> np.ndarray:
+    """The model on (N, S, S, 1) in slices. `predict_on_batch` reuses one compiled function, where
+    `predict` builds a data pipeline per call: ~100 ms of overhead per call on 2 cores, which is
+    most of a single image's latency when serving."""
+    return np.concatenate(
+        [
+            np.asarray(model.predict_on_batch(np.ascontiguousarray(batch[i : i + batch_size])))
+            for i in range(0, len(batch), batch_size)
+        ]
+    )
 
 
 def predict_boxes(

@@ -1,5 +1,6 @@
-"""Training core for the detector: streaming tf.data input with paired augmentation, per-epoch
-validation (loss and AP), early stopping, and checkpoints that a re-run resumes from.
+"""Training core for the detector: streaming tf.data input with paired augmentation (including
+pasted small lesions), per-epoch validation (loss and AP), early stopping, and checkpoints that a
+re-run resumes from.
 """
 
 from __future__ import annotations
@@ -211,17 +212,143 @@ class Compose:
         return image, boxes
 
 
+@dataclass(frozen=True)
+class LesionBank:
+    """Lesions cut out of the training images, for `LesionPaste`.
+
+    `patches` hold each lesion minus its local background (a plane fitted to the ring around
+    its box), faded out at the box's inscribed ellipse; `sizes` their box width and height;
+    `centres` every training lesion centre (x, y): where lesions occur, a prior over the lung.
+    """
+
+    patches: tuple[np.ndarray, ...]
+    sizes: np.ndarray
+    centres: np.ndarray
+
+
+def lesion_residual(image: np.ndarray, box: np.ndarray) -> np.ndarray | None:
+    """The lesion in `box` minus a plane fitted to a ring around it, zero outside its ellipse.
+
+    The window is the box (rounded outwards); None when the ring would leave the image.
+    """
+    x0, y0 = math.floor(box[0]), math.floor(box[1])
+    x1, y1 = math.ceil(box[2]), math.ceil(box[3])
+    margin = max(2, round(0.5 * max(x1 - x0, y1 - y0)))
+    rows, cols = image.shape
+    if x0 - margin < 0 or y0 - margin < 0 or x1 + margin > cols or y1 + margin > rows:
+        return None
+    region = image[y0 - margin : y1 + margin, x0 - margin : x1 + margin].astype(np.float64)
+    yy, xx = np.mgrid[: region.shape[0], : region.shape[1]] + 0.5
+    cx, cy = margin + (box[0] + box[2]) / 2 - x0, margin + (box[1] + box[3]) / 2 - y0
+    rho = np.hypot(
+        (xx - cx) / max((box[2] - box[0]) / 2, 0.5), (yy - cy) / max((box[3] - box[1]) / 2, 0.5)
+    )
+    ring = rho > 1.3
+    design = np.stack([np.ones_like(xx), xx, yy], axis=-1)
+    coef, *_ = np.linalg.lstsq(design[ring], region[ring], rcond=None)
+    residual = (region - design @ coef) * np.clip((1.1 - rho) / 0.3, 0.0, 1.0)
+    return residual[margin:-margin, margin:-margin].astype(np.float32)
+
+
+def build_lesion_bank(examples: Iterable[Example], min_size_px: float = 10.0) -> LesionBank:
+    """Cut every lesion at least `min_size_px` across (the mean of width and height) out of
+    `examples`, and note all lesion centres."""
+    patches: list[np.ndarray] = []
+    sizes: list[tuple[float, float]] = []
+    centres: list[tuple[float, float]] = []
+    for image, boxes in examples:
+        for box in np.asarray(boxes, np.float32).reshape(-1, 4):
+            centres.append(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
+            w, h = float(box[2] - box[0]), float(box[3] - box[1])
+            if (w + h) / 2 < min_size_px:
+                continue
+            residual = lesion_residual(np.asarray(image, np.float32), box)
+            if residual is not None:
+                patches.append(residual)
+                sizes.append((w, h))
+    return LesionBank(
+        tuple(patches),
+        np.asarray(sizes, np.float32).reshape(-1, 2),
+        np.asarray(centres, np.float32),
+    )
+
+
+class LesionPaste:
+    """With probability `p`, paste one or two bank lesions shrunk to `diameter_px` (log-uniform).
+
+    Small nodules are the ones the detector misses, and the training set holds only a few dozen.
+    A large lesion shrunk by s keeps its shape; its excess density along a ray scales with its
+    thickness, so its contrast is scaled by s too (times a jitter of about +-20%). It goes near
+    a lesion centre seen in training (so inside a lung) and not over another lesion; its box
+    is the shrunk source box.
+    """
+
+    def __init__(
+        self, bank: LesionBank, p: float, diameter_px: tuple[float, float] = (4.0, 9.0)
+    ) -> None:
+        self.bank, self.p, self.diameter_px = bank, p, diameter_px
+
+    def __call__(
+        self, image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        from scipy import ndimage
+
+        bank = self.bank
+        if not bank.patches or not len(bank.centres) or rng.random() >= self.p:
+            return image, boxes
+        out, placed = np.array(image, np.float32), [boxes]
+        for _ in range(int(rng.integers(1, 3))):
+            k = int(rng.integers(len(bank.patches)))
+            w, h = bank.sizes[k]
+            lo, hi = self.diameter_px
+            s = min(1.0, math.exp(rng.uniform(math.log(lo), math.log(hi))) / ((w + h) / 2))
+            patch = ndimage.zoom(bank.patches[k], s, order=1) * np.float32(
+                s * rng.uniform(0.8, 1.25)
+            )
+            cx, cy = bank.centres[int(rng.integers(len(bank.centres)))] + rng.normal(0, 6.0, 2)
+            x0, y0 = round(cx - patch.shape[1] / 2), round(cy - patch.shape[0] / 2)
+            if (
+                x0 < 0
+                or y0 < 0
+                or x0 + patch.shape[1] > out.shape[1]
+                or y0 + patch.shape[0] > out.shape[0]
+            ):
+                continue
+            box = np.array([[x0, y0, x0 + patch.shape[1], y0 + patch.shape[0]]], np.float32)
+            others = np.concatenate(placed)
+            if (
+                len(others)
+                and (
+                    (box[0, 0] < others[:, 2] + 2)
+                    & (others[:, 0] < box[0, 2] + 2)
+                    & (box[0, 1] < others[:, 3] + 2)
+                    & (others[:, 1] < box[0, 3] + 2)
+                ).any()
+            ):
+                continue
+            region = out[y0 : y0 + patch.shape[0], x0 : x0 + patch.shape[1]]
+            np.clip(region + patch, 0, 1, out=region)
+            placed.append(box)
+        return out, np.concatenate(placed).astype(np.float32)
+
+
 def default_augmentation() -> Compose:
     """Cheap on CPU (a few ms per 256^2 image): flip, mild zoom/shift, intensity, noise."""
     return Compose([RandomHorizontalFlip(), RandomScaleShift(), RandomIntensity(), GaussianNoise()])
 
 
-def training_transform(params: TrainParams, input_size: int) -> Compose | None:
-    """What each training example goes through: the crop (if any), then the augmentation.
+def training_transform(
+    params: TrainParams, input_size: int, bank: LesionBank | None = None
+) -> Compose | None:
+    """What each training example goes through: pasted small lesions (with a `bank` and
+    `params.paste_fraction`), the crop (if any), then the augmentation.
 
-    The crop comes first so that the augmentation only works on the pixels that are kept.
+    Pasting comes before the crop, so that lesion crops are placed over pasted lesions too; the
+    crop comes before the rest so that the augmentation only works on the pixels that are kept.
     """
     steps: list[Any] = []
+    if bank is not None and params.paste_fraction > 0:
+        steps.append(LesionPaste(bank, params.paste_fraction))
     if 0 < params.crop_size < input_size:
         steps.append(RandomCrop(params.crop_size, params.lesion_crop_fraction))
     if params.augment:
@@ -307,7 +434,8 @@ def make_train_dataset(
     import tensorflow as tf
 
     epochs = itertools.count(first_epoch)
-    transform = training_transform(params, input_size)
+    bank = build_lesion_bank(examples()) if params.paste_fraction > 0 else None
+    transform = training_transform(params, input_size, bank)
     size = sample_size(params, input_size)
     repeats = samples_per_epoch(params, 1, input_size)
     n_cells = size // STRIDE

@@ -166,7 +166,8 @@ def test_the_production_alias_serves_boxes_over_http(server, production, tmp_pat
     assert as_bytes["image_sha256"] == image.pixel_sha256 and as_bytes["error"] == ""
     assert (as_bytes["rows"], as_bytes["columns"]) == (300, 280)
     boxes = as_bytes["boxes"]
-    assert len(boxes) == params.test.max_detections  # threshold 0: every kept peak
+    # threshold 0: every kept peak, less those wholly in the letterbox padding
+    assert 1 <= len(boxes) <= params.test.max_detections
     for box in boxes:
         assert set(box) == {*BOX_KEYS, "label"} and box["label"] == "opacity"
         assert 0 <= box["x_min"] <= box["x_max"] <= 280 and 0 <= box["y_min"] <= box["y_max"] <= 300

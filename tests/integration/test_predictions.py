@@ -139,7 +139,7 @@ def test_predict_writes_one_record_per_file_and_reports_bad_ones(workspace, pred
         for box in record["boxes"]:  # original DICOM pixel coordinates
             assert 0 <= box["x_min"] < box["x_max"] <= ds.Columns
             assert 0 <= box["y_min"] < box["y_max"] <= ds.Rows
-    # (whether boxes come out at all depends on the 1-epoch model; box geometry is checked above)
+    assert sum(len(r["boxes"]) for r in records[:3]) > 0  # threshold 0 keeps the top peaks
     assert len({r["prediction_id"] for r in records}) == 5
 
 

@@ -16,14 +16,18 @@ from pipeline_steps.model import (
     encode_targets,
     focal_heatmap_loss,
     fuse_flipped,
+    gaussian_derivative_kernels,
     masked_l1_loss,
     pack_targets,
     predict_outputs,
 )
 from pipeline_steps.train import (
+    LesionPaste,
     RandomCrop,
     RandomHorizontalFlip,
     RandomScaleShift,
+    build_lesion_bank,
+    lesion_residual,
     make_train_dataset,
     samples_per_epoch,
     shuffled,
@@ -191,6 +195,36 @@ def test_build_detector_rejects_size_not_divisible_by_deepest_stride() -> None:
         build_detector(80, TrainParams(width=4, depth=4))
 
 
+def test_gaussian_derivative_kernels_are_normalised() -> None:
+    g, d1, d2 = gaussian_derivative_kernels(2.0)
+    assert len(g) == 13 and g.sum() == pytest.approx(1.0)
+    t = np.arange(-6, 7)
+    # d1 is odd and gives a unit ramp's slope (times sigma); d2 is even, blind to a constant,
+    # and gives a unit parabola's curvature (times sigma^2), up to the 3-sigma truncation.
+    np.testing.assert_allclose(d1, -d1[::-1], atol=1e-7)
+    np.testing.assert_allclose(d2, d2[::-1], atol=1e-7)
+    assert float(np.sum(d1 * t)) == pytest.approx(-2.0, rel=0.02)
+    assert float(np.sum(d2)) == pytest.approx(0.0, abs=1e-6)
+    assert float(np.sum(d2 * t**2 / 2)) == pytest.approx(4.0, rel=0.1)
+
+
+def test_hessian_channels_tell_blobs_from_lines() -> None:
+    import keras
+
+    model = build_detector(S, TrainParams(width=4, depth=2, hessian_sigmas=(2.0,)))
+    hessian = keras.Model(model.inputs, model.get_layer("hessian_0_y").output)
+    yy, xx = np.mgrid[:S, :S] + 0.5
+    blob = np.exp(-((xx - 32) ** 2 + (yy - 32) ** 2) / (2 * 2.0**2))
+    line = np.exp(-((xx - 32) ** 2) / (2 * 2.0**2)) * np.ones_like(yy)  # a vertical vessel
+    out = np.asarray(hessian(np.stack([blob, line])[..., None].astype(np.float32)))
+    lxx, lyy, lxy = out[0, 32, 32]
+    assert lxx < -0.1 and lyy < -0.1 and abs(lxy) < 0.02  # both curvatures: a blob
+    lxx, lyy, lxy = out[1, 32, 32]
+    assert lxx < -0.1 and abs(lyy) < 0.01  # one curvature: a line
+    # Fixed filters: nothing there is trained.
+    assert not model.get_layer("hessian_0_x").trainable_weights
+
+
 def test_wider_deeper_detector_has_more_parameters() -> None:
     small = build_detector(64, TrainParams(width=4, depth=2)).count_params()
     wide = build_detector(64, TrainParams(width=8, depth=2)).count_params()
@@ -257,7 +291,7 @@ def test_train_dataset_varies_by_epoch_and_replays_from_any_epoch() -> None:
         (rng.random((S, S), dtype=np.float32), np.array([[8, 8, 16, 20]], np.float32) + i)
         for i in range(10)
     ]
-    params = TrainParams(batch_size=4, seed=3)
+    params = TrainParams(batch_size=4, seed=3, paste_fraction=0.0)  # counts lesion centres
 
     def epochs(first_epoch: int, n: int) -> list[list[np.ndarray]]:
         dataset = make_train_dataset(lambda: iter(examples), len(examples), S, params, first_epoch)
@@ -321,7 +355,12 @@ def test_crop_dataset_yields_crops_per_image_and_lesion_rich_batches() -> None:
             )
         )
     params = TrainParams(
-        batch_size=6, crop_size=32, crops_per_image=3, lesion_crop_fraction=1.0, augment=False
+        batch_size=6,
+        crop_size=32,
+        crops_per_image=3,
+        lesion_crop_fraction=1.0,
+        augment=False,
+        paste_fraction=0.0,
     )
     assert samples_per_epoch(params, len(examples), S) == 18
     dataset = make_train_dataset(lambda: iter(examples), len(examples), S, params)
@@ -378,3 +417,55 @@ def test_crop_size_must_suit_the_network_depth(tmp_path: Path) -> None:
         train_detector(
             lambda: iter(examples), 1, lambda: iter([]), 0, params, TestParams(), S, tmp_path
         )
+
+
+# -- lesion paste -------------------------------------------------------------------------------
+
+
+def _disc_on_ramp(cx: float, cy: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[:S, :S] + 0.5
+    return (0.2 + 0.004 * xx + 0.002 * yy + 0.3 * _disc_image(cx, cy, r)).astype(np.float32)
+
+
+def test_lesion_residual_removes_the_background_plane() -> None:
+    image = _disc_on_ramp(30.0, 30.0, 8.0)
+    residual = lesion_residual(image, np.array([22, 22, 38, 38], np.float32))
+    assert residual is not None and residual.shape == (16, 16)
+    assert residual[8, 8] == pytest.approx(0.3, abs=1e-3)  # the disc, without the ramp
+    assert abs(float(residual[0, 0])) < 1e-3  # the box corner is outside the ellipse
+    # A lesion whose surrounding ring leaves the image is not cut out.
+    assert lesion_residual(image, np.array([0, 0, 10, 10], np.float32)) is None
+
+
+def test_lesion_paste_adds_small_boxed_lesions_and_leaves_the_source_alone() -> None:
+    source = _disc_on_ramp(30.0, 30.0, 8.0)
+    bank = build_lesion_bank([(source, np.array([[22, 22, 38, 38]], np.float32))])
+    assert len(bank.patches) == 1 and bank.centres.tolist() == [[30.0, 30.0]]
+    image = _disc_on_ramp(0.0, 0.0, 0.0)  # no disc
+    before = image.copy()
+    paste = LesionPaste(bank, p=1.0, diameter_px=(4.0, 8.0))
+    pasted = 0
+    for seed in range(10):
+        out, boxes = paste(image, np.zeros((0, 4), np.float32), np.random.default_rng(seed))
+        np.testing.assert_array_equal(image, before)
+        pasted += len(boxes)
+        for x0, y0, x1, y1 in boxes:
+            assert 4.0 - 1 <= x1 - x0 <= 8.0 + 1
+            inside = (
+                out[int(y0) : int(y1), int(x0) : int(x1)]
+                - before[int(y0) : int(y1), int(x0) : int(x1)]
+            )
+            # Shrunk by s, the lesion is fainter by s too: brighter than before, but below 0.3.
+            assert 0 < float(inside.max()) < 0.3
+        changed = np.abs(out - before) > 1e-6
+        covered = np.zeros_like(changed)
+        for x0, y0, x1, y1 in boxes.astype(int):
+            covered[y0:y1, x0:x1] = True
+        assert not (changed & ~covered).any()
+    assert pasted >= 10
+    assert (
+        paste.__class__(bank, p=0.0)(image, np.zeros((0, 4), np.float32), np.random.default_rng(0))[
+            0
+        ]
+        is image
+    )
