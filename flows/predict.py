@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -188,6 +189,7 @@ class BatchSummary:
     reports: int
     model: dict[str, Any]
     ledger_rows: tuple[int, int] | None  # first and last seq written
+    seconds: float  # reading, predicting, recording and writing (model loading excluded)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__, ledger_rows=list(self.ledger_rows) if self.ledger_rows else None)
@@ -248,6 +250,7 @@ def batch_prediction(
     bar = _tqdm(len(files)) if progress_bar else None
     predicted = failed = boxes = reports = 0
     first = last = None
+    started = time.monotonic()
     with open_ledger(layout.root) as ledger, jsonl_sink(Path(out)) as sink:
         for start in range(0, len(files), CHUNK):
             chunk = files[start : start + CHUNK]
@@ -284,12 +287,16 @@ def batch_prediction(
         reports=reports,
         model=model.ref.as_dict(),
         ledger_rows=(first, last) if first is not None and last is not None else None,
+        seconds=round(time.monotonic() - started, 3),
     )
     logger.info(
-        "batch_prediction: %d predicted, %d failed, %d box(es); ledger rows %s",
+        "batch_prediction: %d predicted, %d failed, %d box(es) in %.1f s (%.1f images/s); "
+        "ledger rows %s",
         predicted,
         failed,
         boxes,
+        summary.seconds,
+        len(files) / max(summary.seconds, 1e-9),
         summary.ledger_rows,
     )
     return summary.as_dict()
