@@ -20,8 +20,8 @@ from typing import IO, Any
 
 import yaml
 
-from flows.registry import _public_uri, stages_at
-from flows.tracking import MANIFEST_ARTIFACT, tracking_uri
+from flows.registry import stages_at
+from flows.tracking import MANIFEST_ARTIFACT, public_uri, tracking_uri
 from pipeline_steps.config import Params
 from pipeline_steps.errors import DataError, TrackingError
 from pipeline_steps.governance.ledger import Entry, Verification, open_ledger
@@ -165,7 +165,7 @@ def trace(layout: Layout, params: Params, prediction_id: str) -> dict[str, Any]:
         run = client.get_run(mv.run_id)
     except Exception as exc:
         raise TrackingError(
-            f"MLflow at {_public_uri(uri)}: cannot read {name} version {version} or its run "
+            f"MLflow at {public_uri(uri)}: cannot read {name} version {version} or its run "
             f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})"
         ) from None
     tags = dict(mv.tags or {})

@@ -23,8 +23,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import stages
-from flows.registry import _public_uri, open_registry
-from flows.tracking import tracking_uri
+from flows.registry import open_registry
+from flows.tracking import public_uri, tracking_uri
 from pipeline_steps.config import Params
 from pipeline_steps.errors import DataError, TrackingError
 from pipeline_steps.governance.ledger import Ledger, open_ledger
@@ -101,7 +101,7 @@ def load_model(
         ) from None
     except Exception as exc:
         raise TrackingError(
-            f"cannot load {ref.name} version {ref.version} from {_public_uri(uri)}: "
+            f"cannot load {ref.name} version {ref.version} from {public_uri(uri)}: "
             f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}"
         ) from None
     return LoadedModel(detector, config, ref, data_version)

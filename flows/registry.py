@@ -19,10 +19,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+from flows.tracking import public_uri as _public_uri
 from flows.tracking import tracking_uri
 from pipeline_steps.config import Params
 from pipeline_steps.errors import DataError, TrackingError
@@ -66,16 +66,6 @@ GATE_TAGS = ("gate.result", "gate.ledger_row")
 
 def default_actor() -> str:
     return os.environ.get("RADFLOW_ACTOR") or getpass.getuser()
-
-
-def _public_uri(uri: str) -> str:
-    """The URI without credentials, for messages and the ledger."""
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit(parts._replace(netloc=netloc))
-    return uri
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
@@ -72,6 +73,16 @@ def _experiment_id(client: object, name: str, layout: Layout) -> str:
         layout.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
         location = layout.mlflow_artifacts.as_uri()
     return str(client.create_experiment(name, artifact_location=location))
+
+
+def public_uri(uri: str) -> str:
+    """The URI without credentials, for messages, logs and the ledger."""
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit(parts._replace(netloc=netloc))
+    return uri
 
 
 def data_git_rev(layout: Layout) -> str:
@@ -235,16 +246,8 @@ def load_champion(layout: Layout, model_name: str) -> tuple[Champion | None, str
     """The champion's Keras model, or None and a sentence saying why there is none (no registered
     model, no version in production, MLflow unreachable, the artifact missing). Never raises: a
     stage that merely benefits from the champion goes on without it."""
-    from urllib.parse import urlsplit
-
     uri = tracking_uri(layout)
-    parts = urlsplit(uri)
-    # Messages go to logs: never the credentials a tracking URI may carry.
-    shown = (
-        parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
-        if "@" in parts.netloc
-        else uri
-    )
+    shown = public_uri(uri)  # messages go to logs: never the credentials a URI may carry
     if uri == f"sqlite:///{layout.mlflow_db}" and not layout.mlflow_db.exists():
         # Opening the embedded store would create it (and import MLflow) just to find it empty.
         return None, f"no model is registered yet ({layout.mlflow_db.name} does not exist)"
