@@ -38,7 +38,7 @@ TARGETS = {"batch_images_per_s": 20.0, "single_p95_ms": 150.0}
 
 def _data(root: Path, n: int) -> list[Path]:
     """n synthetic DICOMs at the default native size, generated once and reused."""
-    from pipeline_steps.config import Params
+    from pipeline_steps.core.config import Params
     from pipeline_steps.synth import generate_dataset
 
     images = root / "images"
@@ -50,9 +50,9 @@ def _data(root: Path, n: int) -> list[Path]:
 
 
 def _model(workspace: Path | None):  # type: ignore[no-untyped-def]
-    from pipeline_steps.config import Params
-    from pipeline_steps.governance.prediction import ModelRef, Provenance
-    from pipeline_steps.governance.serving import ServingConfig
+    from pipeline_steps.core.config import Params
+    from pipeline_steps.serving.prediction import ModelRef, Provenance
+    from pipeline_steps.serving.serving import ServingConfig
 
     if workspace is not None:
         from flows import stages
@@ -61,7 +61,7 @@ def _model(workspace: Path | None):  # type: ignore[no-untyped-def]
         layout, params = stages.open_workspace(workspace)
         loaded = load_model(layout, params)
         return loaded.detector, loaded.config, Provenance(loaded.ref, loaded.data_version, "bench")
-    from pipeline_steps.model import build_detector
+    from pipeline_steps.core.detector import build_detector
 
     params = Params()
     detector = build_detector(params.preprocess.input_size, params.train)
@@ -135,12 +135,12 @@ def main() -> int:
     os.environ.setdefault("RADFLOW_PSEUDONYM_KEY", "bench-key")
 
     from flows.predict import CHUNK, record_predictions
-    from pipeline_steps.config import Params
-    from pipeline_steps.dicom_io import read_image
+    from pipeline_steps.core.config import Params
+    from pipeline_steps.core.detector import predict_boxes
+    from pipeline_steps.core.dicom_io import read_image
     from pipeline_steps.governance.ledger import Ledger
-    from pipeline_steps.governance.prediction import predict_batch
-    from pipeline_steps.governance.serving import prepare
-    from pipeline_steps.model import predict_boxes
+    from pipeline_steps.serving.prediction import predict_batch
+    from pipeline_steps.serving.serving import prepare
 
     files = _data(args.root, args.n_images)
     detector, config, provenance = _model(args.workspace)

@@ -40,7 +40,7 @@ TARGETS = {
 def ensure_dataset(root: Path, n: int, seed: int) -> Path:
     """root/synth with at least n images (the synthetic plan is prefix-stable: n images are the
     first n of any larger set)."""
-    from pipeline_steps.config import SynthParams
+    from pipeline_steps.core.config import SynthParams
     from pipeline_steps.synth import generate_dataset, image_id_for
 
     synth = root / "synth"
@@ -72,9 +72,9 @@ def ensure_workspace(ws: Path, synth: Path, ids: list[str]) -> Path:
     import pandas as pd
 
     from pipeline_steps import validate
-    from pipeline_steps.config import IngestParams, ValidateParams
+    from pipeline_steps.core.config import IngestParams, ValidateParams
+    from pipeline_steps.core.layout import Layout
     from pipeline_steps.ingest import NO_FINDING, file_sha256, image_id_for
-    from pipeline_steps.layout import Layout
 
     layout = Layout(ws)
     stamp = ws / "ids.json"
@@ -143,8 +143,8 @@ def child_bare(ws: Path, out: Path, size: int, target_mm: float) -> dict[str, fl
 
 
 def child_preprocess(ws: Path, workers: int) -> dict[str, object]:
-    from pipeline_steps.config import PreprocessParams
-    from pipeline_steps.layout import Layout
+    from pipeline_steps.core.config import PreprocessParams
+    from pipeline_steps.core.layout import Layout
     from pipeline_steps.preprocess import build_processed
 
     t0, cpu0 = time.perf_counter(), _cpu()

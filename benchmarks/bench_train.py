@@ -81,8 +81,8 @@ def main() -> int:
     import keras
     import tensorflow as tf
 
-    from pipeline_steps.config import TestParams, TrainParams
-    from pipeline_steps.model import build_detector, decode_detections, predict_outputs
+    from pipeline_steps.core.config import TestParams, TrainParams
+    from pipeline_steps.core.detector import build_detector, decode_detections, predict_outputs
     from pipeline_steps.train import (
         compile_detector,
         make_train_dataset,

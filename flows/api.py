@@ -23,11 +23,11 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from flows.predict import LoadedModel, load_model, record_predictions, resolve_version
-from pipeline_steps.config import Params
-from pipeline_steps.errors import RadflowError
+from pipeline_steps.core.config import Params
+from pipeline_steps.core.errors import RadflowError
+from pipeline_steps.core.layout import Layout
 from pipeline_steps.governance.ledger import Ledger, LedgerError
-from pipeline_steps.governance.prediction import Provenance, predict_batch, utc_now
-from pipeline_steps.layout import Layout
+from pipeline_steps.serving.prediction import Provenance, predict_batch, utc_now
 
 log = logging.getLogger("radflow.api")
 

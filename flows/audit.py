@@ -22,11 +22,11 @@ import yaml
 
 from flows.registry import stages_at
 from flows.tracking import MANIFEST_ARTIFACT, public_uri, tracking_uri
-from pipeline_steps.config import Params
-from pipeline_steps.errors import DataError, TrackingError
+from pipeline_steps.core.config import Params
+from pipeline_steps.core.errors import DataError, TrackingError
+from pipeline_steps.core.layout import Layout
 from pipeline_steps.governance.ledger import Entry, Verification, open_ledger
-from pipeline_steps.governance.prediction import PREDICTION, membership
-from pipeline_steps.layout import Layout
+from pipeline_steps.serving.prediction import PREDICTION, membership
 
 VALIDATION_ARTIFACT = "reports/validation.json"
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline_steps.errors import RadflowError
+from pipeline_steps.core.errors import RadflowError
 
 log = logging.getLogger("radflow")
 
@@ -66,7 +66,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from pipeline_steps.config import SynthParams, load_params
+    from pipeline_steps.core.config import SynthParams, load_params
     from pipeline_steps.synth import generate_dataset
 
     params_file = Path(args.workspace or ".") / "params.yaml"
@@ -96,8 +96,8 @@ def _ingest(
 ) -> dict[str, object]:
     """Archive, scan and label one folder, then record the data version; the summary as a dict."""
     from flows import versioning, workspace
+    from pipeline_steps.core.layout import Layout
     from pipeline_steps.ingest import ingest_directory
-    from pipeline_steps.layout import Layout
 
     assert isinstance(layout, Layout)
     params = workspace.load(layout)
@@ -185,7 +185,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def _ensure_data(layout: object) -> None:
     """A workspace without data gets the deterministic default dataset, recorded like any ingest."""
     from flows import workspace
-    from pipeline_steps.layout import Layout
+    from pipeline_steps.core.layout import Layout
     from pipeline_steps.synth import generate_dataset
 
     assert isinstance(layout, Layout)

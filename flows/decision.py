@@ -15,9 +15,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline_steps.config import Params
-from pipeline_steps.errors import TrackingError
-from pipeline_steps.layout import Layout
+from pipeline_steps.core.config import Params
+from pipeline_steps.core.errors import TrackingError
+from pipeline_steps.core.layout import Layout
 
 LAST_RUN = "last_run.json"
 CODE_GLOBS = ("pipeline_steps/**/*.py", "flows/**/*.py", "pyproject.toml")

@@ -22,7 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline_steps.config import NightlyParams, Params
+from pipeline_steps.core.config import NightlyParams, Params
+from pipeline_steps.core.layout import Layout
 from pipeline_steps.landing import (
     DUPLICATE,
     INGESTED,
@@ -40,7 +41,6 @@ from pipeline_steps.landing import (
     quarantine_reason,
     read_seen,
 )
-from pipeline_steps.layout import Layout
 
 log = logging.getLogger("radflow")
 

@@ -26,9 +26,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import decision, landing, versioning, workspace
-from pipeline_steps.config import NightlyParams, Params
-from pipeline_steps.errors import RadflowError, WorkspaceError
-from pipeline_steps.layout import Layout
+from pipeline_steps.core.config import NightlyParams, Params
+from pipeline_steps.core.errors import RadflowError, WorkspaceError
+from pipeline_steps.core.layout import Layout
 
 log = logging.getLogger("radflow")
 

@@ -25,19 +25,24 @@ from prefect.cache_policies import NO_CACHE
 from flows import stages
 from flows.registry import open_registry
 from flows.tracking import public_uri, tracking_uri
-from pipeline_steps.config import Params
-from pipeline_steps.errors import DataError, TrackingError
+from pipeline_steps.core.config import Params
+from pipeline_steps.core.errors import DataError, TrackingError
+from pipeline_steps.core.layout import Layout
 from pipeline_steps.governance.ledger import Ledger, open_ledger
-from pipeline_steps.governance.prediction import (
+from pipeline_steps.governance.lifecycle import (
+    STAGE_ALIASES,
+    TransitionError,
+    parse_stage,
+    stage_of,
+)
+from pipeline_steps.serving.prediction import (
     PREDICTION,
     ModelRef,
     Provenance,
     ledger_payload,
     predict_batch,
 )
-from pipeline_steps.governance.serving import ServingConfig
-from pipeline_steps.governance.stages import STAGE_ALIASES, TransitionError, parse_stage, stage_of
-from pipeline_steps.layout import Layout
+from pipeline_steps.serving.serving import ServingConfig
 
 log = logging.getLogger("radflow")
 
@@ -157,7 +162,7 @@ def write_reports(
     records: Sequence[dict[str, Any]], paths: Sequence[Path], model: ModelRef, sr_out: Path
 ) -> int:
     """One DICOM SR per predicted image into the caller's folder; returns how many were written."""
-    from pipeline_steps.governance.sr import write_sr
+    from pipeline_steps.serving.sr import write_sr
 
     written = 0
     for record, path in zip(records, paths, strict=True):

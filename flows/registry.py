@@ -24,8 +24,9 @@ import numpy as np
 
 from flows.tracking import public_uri as _public_uri
 from flows.tracking import tracking_uri
-from pipeline_steps.config import Params
-from pipeline_steps.errors import DataError, TrackingError
+from pipeline_steps.core.config import Params
+from pipeline_steps.core.errors import DataError, TrackingError
+from pipeline_steps.core.layout import Layout
 from pipeline_steps.governance.ledger import (
     Entry,
     Ledger,
@@ -34,8 +35,7 @@ from pipeline_steps.governance.ledger import (
     open_ledger,
     timestamp,
 )
-from pipeline_steps.governance.serving import INPUT_COLUMN
-from pipeline_steps.governance.stages import (
+from pipeline_steps.governance.lifecycle import (
     ARCHIVED,
     STAGES,
     AliasOp,
@@ -56,7 +56,7 @@ from pipeline_steps.governance.stages import (
     stage_map,
     stage_of,
 )
-from pipeline_steps.layout import Layout
+from pipeline_steps.serving.serving import INPUT_COLUMN
 
 TRANSITION = "transition"  # ledger kinds written here
 GATE = "gate"

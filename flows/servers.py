@@ -14,9 +14,9 @@ from pathlib import Path
 from types import FrameType
 from urllib.parse import urlsplit, urlunsplit
 
-from pipeline_steps.config import Params
-from pipeline_steps.errors import ConfigError
-from pipeline_steps.layout import Layout
+from pipeline_steps.core.config import Params
+from pipeline_steps.core.errors import ConfigError
+from pipeline_steps.core.layout import Layout
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PREFECT_PORT = 4200

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flows import tracking, versioning, workspace
-from pipeline_steps.config import Params
-from pipeline_steps.layout import Layout
+from pipeline_steps.core.config import Params
+from pipeline_steps.core.layout import Layout
 
 log = logging.getLogger("radflow")
 
@@ -27,7 +27,7 @@ def extract_features(
 
     Without a champion (none yet, or MLflow unreachable) the stage still succeeds, without
     embeddings, and the log says why."""
-    from pipeline_steps import features
+    from pipeline_steps import extract_features as features
 
     if not params.extract_features.embeddings:
         log.info("extract_features: no CNN embeddings (extract_features.embeddings is false)")
@@ -63,7 +63,8 @@ def train(layout: Layout, params: Params) -> dict[str, object]:
 
 
 def test(layout: Layout, params: Params) -> dict[str, float]:
-    from pipeline_steps import evaluate, report
+    from pipeline_steps import evaluate
+    from pipeline_steps.core import report
 
     metrics = evaluate.run(
         layout,
@@ -90,7 +91,7 @@ def gate(layout: Layout, params: Params) -> dict[str, object]:
     import json
 
     from flows import registry
-    from pipeline_steps.errors import DataError
+    from pipeline_steps.core.errors import DataError
 
     if not layout.registration.exists():
         raise DataError(f"{layout.registration}: missing. Run the `register` stage first.")

@@ -22,8 +22,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from pipeline_steps.errors import TrackingError
-from pipeline_steps.layout import Layout
+from pipeline_steps.core.errors import TrackingError
+from pipeline_steps.core.layout import Layout
 from pipeline_steps.register import Registration
 
 PYFUNC_NAME = "model"  # the registered pyfunc, under the run's artifacts
@@ -117,7 +117,7 @@ def _log_models(registration: Registration, model_path: Path, scratch: Path) -> 
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    from pipeline_steps.governance import pyfunc, serving
+    from pipeline_steps.serving import pyfunc, serving
 
     config = scratch / "serving_config.json"
     config.write_text(registration.serving.to_json())

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline_steps.errors import WorkspaceError
-from pipeline_steps.layout import Layout
+from pipeline_steps.core.errors import WorkspaceError
+from pipeline_steps.core.layout import Layout
 
 
 @contextmanager

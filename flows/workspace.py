@@ -7,9 +7,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from pipeline_steps.config import Params, load_params
-from pipeline_steps.errors import WorkspaceError
-from pipeline_steps.layout import Layout
+from pipeline_steps.core.config import Params, load_params
+from pipeline_steps.core.errors import WorkspaceError
+from pipeline_steps.core.layout import Layout
 
 TEMPLATE_FILES = ("params.yaml", "dvc.yaml")
 WORKSPACE_GITIGNORE = [

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, TypedDict
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from pipeline_steps.config import TestParams
-from pipeline_steps.errors import DataError
-from pipeline_steps.layout import Layout
+from pipeline_steps.core.config import TestParams
+from pipeline_steps.core.errors import DataError
+from pipeline_steps.core.layout import Layout
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -1094,8 +1094,8 @@ def run(
     import keras
     import pandas as pd
 
-    from pipeline_steps.baseline import finalize, fit_baseline
-    from pipeline_steps.model import predict_boxes
+    from pipeline_steps.core.baseline import finalize, fit_baseline
+    from pipeline_steps.core.detector import predict_boxes
     from pipeline_steps.preprocess import geometry_of, load_split
 
     if not layout.model.exists():

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline_steps.config import IngestParams
-from pipeline_steps.deid import DEV_PSEUDONYM_KEY
-from pipeline_steps.errors import DataError
-from pipeline_steps.labels import (
+from pipeline_steps.core.config import IngestParams
+from pipeline_steps.core.deid import DEV_PSEUDONYM_KEY
+from pipeline_steps.core.errors import DataError
+from pipeline_steps.core.labels import (
     ALREADY_LABELLED,
     BOX_COLUMNS,
     ISSUE_COLUMNS,

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
-from pipeline_steps.errors import DataError
+from pipeline_steps.core.errors import DataError
 
 # What became of an object once its batch was committed.
 INGESTED = "ingested"  # a new DICOM, archived in data/raw
@@ -97,7 +97,7 @@ def quarantine_reason(path: Path, is_labels: bool) -> str | None:
     if is_labels:
         import pandas as pd
 
-        from pipeline_steps.labels import resolve_format
+        from pipeline_steps.core.labels import resolve_format
 
         try:
             columns = list(pd.read_csv(path, dtype=str, nrows=0).columns)
@@ -105,7 +105,7 @@ def quarantine_reason(path: Path, is_labels: bool) -> str | None:
         except (DataError, ValueError, UnicodeDecodeError, pd.errors.ParserError):
             return "unreadable_labels"
         return None
-    from pipeline_steps.dicom_io import UnreadableDicom, scan_header
+    from pipeline_steps.core.dicom_io import UnreadableDicom, scan_header
 
     try:
         scan_header(path)

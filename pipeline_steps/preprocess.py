@@ -26,11 +26,11 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 
-from pipeline_steps.config import PreprocessParams, SplitParams
-from pipeline_steps.dicom_io import DicomImage, read_image
-from pipeline_steps.errors import DataError
+from pipeline_steps.core.config import PreprocessParams, SplitParams
+from pipeline_steps.core.dicom_io import DicomImage, read_image
+from pipeline_steps.core.errors import DataError
+from pipeline_steps.core.layout import Layout
 from pipeline_steps.ingest import NO_FINDING
-from pipeline_steps.layout import Layout
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline_steps.config import Params
-from pipeline_steps.errors import DataError
-from pipeline_steps.governance.serving import ServingConfig
-from pipeline_steps.layout import Layout
+from pipeline_steps.core.config import Params
+from pipeline_steps.core.errors import DataError
+from pipeline_steps.core.layout import Layout
+from pipeline_steps.serving.serving import ServingConfig
 
 # synth shapes the data, which data_version already identifies; the rest shapes the model.
 MODEL_SECTIONS = (

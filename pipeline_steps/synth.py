@@ -29,7 +29,7 @@ from pydicom.uid import (
 )
 from scipy import ndimage
 
-from pipeline_steps.config import LesionParams, SynthParams
+from pipeline_steps.core.config import LesionParams, SynthParams
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]

@@ -18,10 +18,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from pipeline_steps.config import TestParams, TrainParams
-from pipeline_steps.errors import ConfigError, DataError
-from pipeline_steps.evaluate import average_precision
-from pipeline_steps.model import (
+from pipeline_steps.core.config import TestParams, TrainParams
+from pipeline_steps.core.detector import (
     STRIDE,
     build_detector,
     decode_detections,
@@ -30,6 +28,8 @@ from pipeline_steps.model import (
     loss_components,
     pack_targets,
 )
+from pipeline_steps.core.errors import ConfigError, DataError
+from pipeline_steps.evaluate import average_precision
 
 if TYPE_CHECKING:
     import keras
@@ -796,7 +796,7 @@ def train_detector(
 # free of file IO other than `checkpoint_dir`.
 # ============================================================================================
 
-from pipeline_steps.layout import Layout  # noqa: E402  (the edge below is the only user)
+from pipeline_steps.core.layout import Layout  # noqa: E402  (the edge below is the only user)
 
 
 def checkpoint_key(manifest_path: Path, params: TrainParams, input_size: int) -> str:

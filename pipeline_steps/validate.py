@@ -15,9 +15,9 @@ import pandas as pd
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from pipeline_steps.config import IngestParams, ValidateParams
-from pipeline_steps.deid import age_in_years, pseudonym
-from pipeline_steps.dicom_io import (
+from pipeline_steps.core.config import IngestParams, ValidateParams
+from pipeline_steps.core.deid import age_in_years, pseudonym
+from pipeline_steps.core.dicom_io import (
     GRAYSCALE,
     Header,
     HeaderValueError,
@@ -33,9 +33,9 @@ from pipeline_steps.dicom_io import (
     voi_source,
     window_of,
 )
-from pipeline_steps.errors import DataError, ValidationFailed
-from pipeline_steps.labels import LABEL_COLUMNS, NO_FINDING
-from pipeline_steps.layout import Layout
+from pipeline_steps.core.errors import DataError, ValidationFailed
+from pipeline_steps.core.labels import LABEL_COLUMNS, NO_FINDING
+from pipeline_steps.core.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -852,7 +852,7 @@ def validate_tables(
 
 def pseudonym_key() -> str:
     """The pseudonymization key from the environment; the development default is announced loudly."""
-    from pipeline_steps.deid import DEV_PSEUDONYM_KEY
+    from pipeline_steps.core.deid import DEV_PSEUDONYM_KEY
 
     key = os.environ.get("RADFLOW_PSEUDONYM_KEY", "")
     if not key:

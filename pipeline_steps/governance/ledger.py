@@ -21,7 +21,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from pipeline_steps.errors import RadflowError
+from pipeline_steps.core.errors import RadflowError
 
 LEDGER_URL_ENV = "RADFLOW_LEDGER_URL"
 LEDGER_FILE = "ledger.db"

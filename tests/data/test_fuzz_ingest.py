@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline_steps.config import IngestParams
-from pipeline_steps.deid import DEV_PSEUDONYM_KEY
-from pipeline_steps.dicom_io import read_image
-from pipeline_steps.errors import DataError
+from pipeline_steps.core.config import IngestParams
+from pipeline_steps.core.deid import DEV_PSEUDONYM_KEY
+from pipeline_steps.core.dicom_io import read_image
+from pipeline_steps.core.errors import DataError
 from pipeline_steps.validate import REASONS, build_metadata
 from tests.conftest import FAKE_PHI, build_dicom
 

@@ -15,11 +15,11 @@ import pytest
 import yaml
 
 from pipeline_steps import validate
-from pipeline_steps.config import IngestParams, SynthParams, ValidateParams
-from pipeline_steps.errors import ValidationFailed
+from pipeline_steps.core.config import IngestParams, SynthParams, ValidateParams
+from pipeline_steps.core.errors import ValidationFailed
+from pipeline_steps.core.labels import LABEL_COLUMNS, NO_FINDING
+from pipeline_steps.core.layout import Layout
 from pipeline_steps.ingest import ingest_directory
-from pipeline_steps.labels import LABEL_COLUMNS, NO_FINDING
-from pipeline_steps.layout import Layout
 from pipeline_steps.synth import collect_phi, generate_dataset
 from tests.conftest import build_dicom
 

@@ -12,10 +12,10 @@ import pandas as pd
 import pydicom
 import pytest
 
-from pipeline_steps.config import IngestParams
-from pipeline_steps.deid import DEV_PSEUDONYM_KEY
-from pipeline_steps.dicom_io import read_image
-from pipeline_steps.errors import DataError
+from pipeline_steps.core.config import IngestParams
+from pipeline_steps.core.deid import DEV_PSEUDONYM_KEY
+from pipeline_steps.core.dicom_io import read_image
+from pipeline_steps.core.errors import DataError
 from pipeline_steps.validate import REASONS, build_metadata
 
 # The wheel's own files; get_testdata_file is never called because it may try to download.

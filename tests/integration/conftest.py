@@ -369,7 +369,7 @@ def set_params(root: Path, override: dict) -> None:
 
 def synth_to_landing(s3, bucket: str, prefix: str, out: Path, n_images: int, seed: int) -> int:
     """Synthetic radiographs and their RSNA labels, dropped into s3://bucket/prefix/ as a site would."""
-    from pipeline_steps.config import SynthParams
+    from pipeline_steps.core.config import SynthParams
     from pipeline_steps.synth import generate_dataset
 
     summary = generate_dataset(

@@ -39,7 +39,7 @@ def test_embeddings_come_from_the_version_in_production_and_only_from_it(tmp_pat
     import keras
 
     from flows import registry, stages, tracking
-    from pipeline_steps import features
+    from pipeline_steps import extract_features as features
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RADFLOW_LEDGER_URL", raising=False)
@@ -76,7 +76,7 @@ def test_embeddings_come_from_the_version_in_production_and_only_from_it(tmp_pat
 
 def test_an_unreachable_tracking_server_costs_only_the_embeddings(tmp_path, monkeypatch, caplog):
     from flows import stages
-    from pipeline_steps import features
+    from pipeline_steps import extract_features as features
 
     monkeypatch.delenv("RADFLOW_LEDGER_URL", raising=False)
     layout, params = build_workspace(tmp_path / "ws", n_images=2)

@@ -7,7 +7,7 @@ import os
 import dask
 import pytest
 
-from pipeline_steps.config import PreprocessParams
+from pipeline_steps.core.config import PreprocessParams
 from pipeline_steps.preprocess import Crash, build_processed, map_resilient
 from tests.unit.test_preprocess import _digest, _workspace
 

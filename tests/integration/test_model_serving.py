@@ -21,10 +21,10 @@ pytestmark = pytest.mark.integration
 
 
 def test_serving_prepares_pixels_exactly_as_the_preprocess_stage(tmp_path):
-    from pipeline_steps.config import PreprocessParams
-    from pipeline_steps.dicom_io import read_image
-    from pipeline_steps.governance.serving import prepare
+    from pipeline_steps.core.config import PreprocessParams
+    from pipeline_steps.core.dicom_io import read_image
     from pipeline_steps.preprocess import QUANT, PixelJob, process_file
+    from pipeline_steps.serving.serving import prepare
 
     rng = np.random.default_rng(1)
     params = PreprocessParams(input_size=64, target_spacing_mm=2.0)
@@ -44,8 +44,8 @@ def test_serving_prepares_pixels_exactly_as_the_preprocess_stage(tmp_path):
 
 
 def test_a_stored_serving_config_outlives_changes_to_the_params_models():
-    from pipeline_steps.config import IngestParams, PreprocessParams, TestParams
-    from pipeline_steps.governance.serving import ServingConfig
+    from pipeline_steps.core.config import IngestParams, PreprocessParams, TestParams
+    from pipeline_steps.serving.serving import ServingConfig
 
     config = ServingConfig.from_params(
         PreprocessParams(input_size=64, target_spacing_mm=2.0, workers=3),
@@ -138,9 +138,9 @@ def _invoke(url: str, body: dict) -> list[dict]:
 def test_the_production_alias_serves_boxes_over_http(server, production, tmp_path):
     import keras
 
-    from pipeline_steps.dicom_io import read_image
-    from pipeline_steps.governance.serving import BOX_KEYS, prepare
-    from pipeline_steps.model import predict_boxes
+    from pipeline_steps.core.detector import predict_boxes
+    from pipeline_steps.core.dicom_io import read_image
+    from pipeline_steps.serving.serving import BOX_KEYS, prepare
 
     layout, params = production
     path = build_dicom(

@@ -38,7 +38,7 @@ def radflow(ws: Path, *args: str, env: dict | None = None, timeout: float = 900)
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A trained, registered and promoted version 1, and a folder of inputs to predict."""
-    from pipeline_steps.config import SynthParams
+    from pipeline_steps.core.config import SynthParams
     from pipeline_steps.synth import generate_dataset
 
     ws = tmp_path_factory.mktemp("pred-ws")
@@ -166,7 +166,7 @@ def test_every_prediction_is_in_the_ledger_without_paths_or_identifiers(workspac
 
 
 def test_sr_reports_hold_the_same_boxes_and_reference_the_source(predicted, tmp_path):
-    from pipeline_steps.governance.sr import read_sr_boxes
+    from pipeline_steps.serving.sr import read_sr_boxes
 
     sr_dir = Path(predicted["summary"]["out"]).parent / "sr"
     assert predicted["summary"]["reports"] == 3

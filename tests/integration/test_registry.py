@@ -81,7 +81,7 @@ def build_workspace(root: Path, n_images: int = 8):
     import keras
 
     from flows import versioning, workspace
-    from pipeline_steps.model import build_detector
+    from pipeline_steps.core.detector import build_detector
 
     layout = workspace.init(root)
     params_file = root / "params.yaml"
@@ -235,7 +235,7 @@ def test_registration_tags_lineage_signature_and_no_phi(registered, ws, mlflow_s
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline_steps.governance.serving import INPUT_COLUMN
+    from pipeline_steps.serving.serving import INPUT_COLUMN
 
     layout, _ = ws
     uri, server_root = mlflow_server
@@ -303,7 +303,7 @@ def test_registration_tags_lineage_signature_and_no_phi(registered, ws, mlflow_s
 
 
 def test_a_validation_of_another_data_version_does_not_count(tmp_path):
-    from pipeline_steps.layout import Layout
+    from pipeline_steps.core.layout import Layout
     from pipeline_steps.register import read_lineage
 
     layout = Layout(tmp_path)
@@ -322,7 +322,7 @@ def test_a_validation_of_another_data_version_does_not_count(tmp_path):
 
 
 def test_params_hash_ignores_the_gate_policy():
-    from pipeline_steps.config import GateParams, Params, RegisterParams
+    from pipeline_steps.core.config import GateParams, Params, RegisterParams
     from pipeline_steps.register import params_hash
 
     base = Params()
@@ -381,7 +381,7 @@ def test_a_tie_with_production_fails_the_gate_and_stays_candidate(fresh):
 
 def test_an_absolute_threshold_fails_the_gate(fresh):
     from flows import registry
-    from pipeline_steps.config import GateParams, RegisterParams
+    from pipeline_steps.core.config import GateParams, RegisterParams
 
     layout, params, reg = fresh
     strict = params.model_copy(
@@ -579,7 +579,7 @@ class FlakyClient:
 
 def test_a_registry_failure_mid_transition_is_undone(fresh):
     from flows import registry
-    from pipeline_steps.errors import TrackingError
+    from pipeline_steps.core.errors import TrackingError
 
     layout, params, reg = fresh
     registry.run_gate(layout, params, "1")
@@ -605,7 +605,7 @@ def test_a_registry_failure_mid_transition_is_undone(fresh):
 
 def test_a_stale_view_loses_the_race(fresh):
     from flows import registry
-    from pipeline_steps.governance.stages import ConcurrentTransition
+    from pipeline_steps.governance.lifecycle import ConcurrentTransition
 
     layout, _, reg = fresh
     observed = reg.aliases()
@@ -619,7 +619,7 @@ def test_a_stale_view_loses_the_race(fresh):
 
 def _race(root: str, version: str, ready, go, results) -> None:
     from flows import registry
-    from pipeline_steps.layout import Layout
+    from pipeline_steps.core.layout import Layout
 
     layout = Layout(Path(root))
     reg = registry.open_registry(layout, MODEL)

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline_steps.config import TestParams, TrainParams
-from pipeline_steps.errors import DataError
-from pipeline_steps.model import predict_boxes
+from pipeline_steps.core.config import TestParams, TrainParams
+from pipeline_steps.core.detector import predict_boxes
+from pipeline_steps.core.errors import DataError
 from pipeline_steps.train import TrainResult, evaluate_detector, train_detector
 
 pytestmark = pytest.mark.slow
@@ -286,9 +286,9 @@ def test_monochrome1_and_monochrome2_files_give_identical_predictions(
     import pandas as pd
 
     from pipeline_steps import preprocess, validate
-    from pipeline_steps.config import IngestParams, PreprocessParams, ValidateParams
+    from pipeline_steps.core.config import IngestParams, PreprocessParams, ValidateParams
+    from pipeline_steps.core.layout import Layout
     from pipeline_steps.ingest import NO_FINDING
-    from pipeline_steps.layout import Layout
 
     # 256 px at 0.35 mm is 64 px at the 1.4 mm working spacing: the detector's size.
     native = 4

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline_steps.baseline import (
+from pipeline_steps.core.baseline import (
     FEATURES,
     blob_features,
     blob_sigmas,
@@ -20,7 +20,7 @@ from pipeline_steps.baseline import (
     scale_space,
     working_factor,
 )
-from pipeline_steps.config import BaselineParams
+from pipeline_steps.core.config import BaselineParams
 from pipeline_steps.evaluate import average_precision, froc
 
 S = 96

@@ -4,8 +4,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from pipeline_steps.config import Params, load_params, parse_params
-from pipeline_steps.errors import ConfigError
+from pipeline_steps.core.config import Params, load_params, parse_params
+from pipeline_steps.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

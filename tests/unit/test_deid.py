@@ -1,6 +1,6 @@
 import math
 
-from pipeline_steps.deid import age_in_years, pseudonym
+from pipeline_steps.core.deid import age_in_years, pseudonym
 
 
 def test_pseudonym_is_stable_keyed_and_typed():

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline_steps.config import NightlyParams, load_params, parse_params
-from pipeline_steps.errors import ConfigError
+from pipeline_steps.core.config import NightlyParams, load_params, parse_params
+from pipeline_steps.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

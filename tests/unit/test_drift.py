@@ -5,11 +5,11 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from pipeline_steps import drift
-from pipeline_steps.config import DriftParams
-from pipeline_steps.drift import compare, ks_statistic, psi, write_report
-from pipeline_steps.errors import DataError
-from pipeline_steps.layout import Layout
+from pipeline_steps.core import drift
+from pipeline_steps.core.config import DriftParams
+from pipeline_steps.core.drift import compare, ks_statistic, psi, write_report
+from pipeline_steps.core.errors import DataError
+from pipeline_steps.core.layout import Layout
 
 
 def test_psi_by_hand_on_two_bins():

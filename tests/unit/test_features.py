@@ -5,10 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_steps import features as features_step
-from pipeline_steps.config import DriftParams, ExtractFeaturesParams
-from pipeline_steps.features import content_mask, glcm, image_features, texture_features
-from pipeline_steps.layout import Layout
+from pipeline_steps import extract_features as features_step
+from pipeline_steps.core.config import DriftParams, ExtractFeaturesParams
+from pipeline_steps.core.layout import Layout
+from pipeline_steps.extract_features import content_mask, glcm, image_features, texture_features
 from pipeline_steps.preprocess import QUANT, Letterbox, plan_geometry
 
 
@@ -140,8 +140,8 @@ def _detector(seed, size=64, width=8, depth=3):
     """A tiny randomly initialised radflow detector (the architecture the champion has)."""
     import keras
 
-    from pipeline_steps.config import TrainParams
-    from pipeline_steps.model import build_detector
+    from pipeline_steps.core.config import TrainParams
+    from pipeline_steps.core.detector import build_detector
 
     keras.utils.set_random_seed(seed)
     return build_detector(size, TrainParams(width=width, depth=depth))
@@ -150,8 +150,8 @@ def _detector(seed, size=64, width=8, depth=3):
 def test_backbone_layer_is_the_deepest_widest_map_not_the_neck():
     import keras
 
-    from pipeline_steps.config import TrainParams
-    from pipeline_steps.model import stage_channels
+    from pipeline_steps.core.config import TrainParams
+    from pipeline_steps.core.detector import stage_channels
 
     model = _detector(0, size=64, width=8, depth=3)
     name = features_step.backbone_layer(model, 64)

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_steps.errors import DataError
+from pipeline_steps.core.errors import DataError
 from pipeline_steps.ingest import (
     ISSUES_FILE,
     NO_FINDING,

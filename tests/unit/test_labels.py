@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_steps.errors import DataError
-from pipeline_steps.labels import (
+from pipeline_steps.core.errors import DataError
+from pipeline_steps.core.labels import (
     AMBIGUOUS,
     BAD_VALUE,
     INVERTED,

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline_steps.config import TestParams, TrainParams
-from pipeline_steps.model import (
+from pipeline_steps.core.config import TestParams, TrainParams
+from pipeline_steps.core.detector import (
     HEATMAP_PRIOR,
     STRIDE,
     build_detector,
@@ -408,7 +408,7 @@ def test_fully_convolutional_detector_predicts_other_sizes() -> None:
 
 
 def test_crop_size_must_suit_the_network_depth(tmp_path: Path) -> None:
-    from pipeline_steps.errors import ConfigError
+    from pipeline_steps.core.errors import ConfigError
     from pipeline_steps.train import train_detector
 
     examples = [(np.zeros((S, S), np.float32), np.zeros((0, 4), np.float32))]

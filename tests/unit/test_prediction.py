@@ -9,8 +9,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from pipeline_steps.config import IngestParams, PreprocessParams, TestParams, TrainParams
-from pipeline_steps.governance.prediction import (
+from pipeline_steps.core.config import IngestParams, PreprocessParams, TestParams, TrainParams
+from pipeline_steps.ingest import file_sha256, image_id_for
+from pipeline_steps.serving.prediction import (
     RECORD_KEYS,
     InputRejected,
     ModelRef,
@@ -22,8 +23,7 @@ from pipeline_steps.governance.prediction import (
     read_input,
     uid_hash,
 )
-from pipeline_steps.governance.serving import ServingConfig
-from pipeline_steps.ingest import file_sha256, image_id_for
+from pipeline_steps.serving.serving import ServingConfig
 from tests.conftest import FAKE_PHI, build_dicom
 
 KEY = "unit-test-key"
@@ -88,7 +88,7 @@ def test_ingestion_verdicts_become_reason_codes(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from pipeline_steps.model import build_detector
+    from pipeline_steps.core.detector import build_detector
 
     model = build_detector(64, TrainParams(width=4, depth=2))
     # Untrained size heads predict ~0 px boxes, which serving drops; give every box ~4 cells.

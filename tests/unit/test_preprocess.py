@@ -11,10 +11,10 @@ import pytest
 
 from pipeline_steps import preprocess as preprocess_step
 from pipeline_steps import validate as validate_step
-from pipeline_steps.config import IngestParams, PreprocessParams, SplitParams, ValidateParams
-from pipeline_steps.dicom_io import read_image
+from pipeline_steps.core.config import IngestParams, PreprocessParams, SplitParams, ValidateParams
+from pipeline_steps.core.dicom_io import read_image
+from pipeline_steps.core.layout import Layout
 from pipeline_steps.ingest import NO_FINDING
-from pipeline_steps.layout import Layout
 from pipeline_steps.preprocess import (
     QUANT,
     Crash,

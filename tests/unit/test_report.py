@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline_steps.evaluate import details_path
-from pipeline_steps.layout import Layout
-from pipeline_steps.report import (
+from pipeline_steps.core.layout import Layout
+from pipeline_steps.core.report import (
     QUALITY_TARGETS,
     ReportInputs,
     render_report,
     run,
     training_minutes,
 )
+from pipeline_steps.evaluate import details_path
 
 # A 1x1 PNG: enough to check embedding without matplotlib.
 PNG = base64.b64decode(

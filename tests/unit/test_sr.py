@@ -14,8 +14,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ComprehensiveSRStorage
 
-from pipeline_steps.errors import DataError
-from pipeline_steps.governance.sr import build_sr, read_sr_boxes, write_sr
+from pipeline_steps.core.errors import DataError
+from pipeline_steps.serving.sr import build_sr, read_sr_boxes, write_sr
 from tests.conftest import FAKE_PHI
 
 PREDICTION_ID = "01J9Z3K7QW0000000000000000"

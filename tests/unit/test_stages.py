@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline_steps.config import GateParams
-from pipeline_steps.governance.stages import (
+from pipeline_steps.core.config import GateParams
+from pipeline_steps.governance.lifecycle import (
     ARCHIVED,
     AliasOp,
     Move,

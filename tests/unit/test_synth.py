@@ -20,7 +20,7 @@ from pydicom.uid import (
 )
 
 from pipeline_steps import synth
-from pipeline_steps.config import LesionParams, SynthParams
+from pipeline_steps.core.config import LesionParams, SynthParams
 
 SEED = 11
 # Small images, most of them positive, and both encodings and polarities likely in six files.

@@ -2,9 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_steps.config import IngestParams, ValidateParams
-from pipeline_steps.deid import DEV_PSEUDONYM_KEY
-from pipeline_steps.labels import LABEL_COLUMNS, NO_FINDING
+from pipeline_steps.core.config import IngestParams, ValidateParams
+from pipeline_steps.core.deid import DEV_PSEUDONYM_KEY
+from pipeline_steps.core.labels import LABEL_COLUMNS, NO_FINDING
 from pipeline_steps.validate import (
     METADATA_COLUMNS,
     build_metadata,

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline_steps.config import DriftParams
-from pipeline_steps.errors import DataError
-from pipeline_steps.layout import Layout
+from pipeline_steps.core.config import DriftParams
+from pipeline_steps.core.errors import DataError
+from pipeline_steps.core.layout import Layout
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from pipeline_steps.config import IngestParams, PreprocessParams, TestParams
-from pipeline_steps.dicom_io import DicomImage, read_image
-from pipeline_steps.errors import DataError
-from pipeline_steps.labels import RSNA_LABEL
-from pipeline_steps.model import predict_boxes
+from pipeline_steps.core.config import IngestParams, PreprocessParams, TestParams
+from pipeline_steps.core.detector import predict_boxes
+from pipeline_steps.core.dicom_io import DicomImage, read_image
+from pipeline_steps.core.errors import DataError
+from pipeline_steps.core.labels import RSNA_LABEL
 from pipeline_steps.preprocess import QUANT, Geometry, plan_geometry, preprocess_image
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline_steps.layout import Layout
+from pipeline_steps.core.layout import Layout
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from pipeline_steps.config import ExtractFeaturesParams
-from pipeline_steps.layout import Layout
+from pipeline_steps.core.config import ExtractFeaturesParams
+from pipeline_steps.core.layout import Layout
 from pipeline_steps.preprocess import QUANT, SPLITS, UNLABELLED, geometry_of
 
 log = logging.getLogger(__name__)
@@ -361,7 +361,7 @@ def build_features(
 ) -> FeaturesResult:
     """Stage edge, with what the run did: shards -> features.parquet (+ embeddings.parquet when an
     embedder is given), then reports/drift/ (see the module docstring)."""
-    from pipeline_steps import drift
+    from pipeline_steps.core import drift
 
     manifest = pd.read_parquet(layout.manifest)
     cache_root = cache_dir or layout.state / "cache" / "features"

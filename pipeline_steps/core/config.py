@@ -10,7 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline_steps.errors import ConfigError
+from pipeline_steps.core.errors import ConfigError
 
 
 class _Section(BaseModel):

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline_steps.config import GateParams
-from pipeline_steps.errors import RadflowError
+from pipeline_steps.core.config import GateParams
+from pipeline_steps.core.errors import RadflowError
 from pipeline_steps.evaluate import (
     average_precision,
     evaluate_detections,

@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from pipeline_steps.errors import DataError
+from pipeline_steps.core.errors import DataError
 
 # The canonical table: one row per box in original DICOM pixel coordinates (x to the right, y down),
 # or one `no_finding` row without coordinates for an image read as negative.

@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from pipeline_steps.config import BaselineParams
+from pipeline_steps.core.config import BaselineParams
 
 FloatArray = NDArray[np.float64]
 BoolArray = NDArray[np.bool_]
@@ -374,7 +374,7 @@ def finalize(
 ) -> FloatArray:
     """Keep boxes scoring at least `score_floor`, then NMS and the per-image cap, as the deep
     model's decoder does, so that both detectors are scored under the same rules."""
-    from pipeline_steps.model import non_max_suppression
+    from pipeline_steps.core.detector import non_max_suppression
 
     kept = np.asarray(detections, np.float32).reshape(-1, 5)
     kept = kept[kept[:, 4] >= score_floor]

@@ -37,8 +37,8 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import DA, TM
 
-from pipeline_steps.dicom_io import read_header
-from pipeline_steps.errors import DataError
+from pipeline_steps.core.dicom_io import read_header
+from pipeline_steps.core.errors import DataError
 
 BOX_KEYS = ("x_min", "y_min", "x_max", "y_max", "score", "label")
 DEVICE_NAME = "radflow"

@@ -26,7 +26,7 @@ from pydicom.uid import (
     JPEGExtended12Bit,
 )
 
-from pipeline_steps.errors import DataError
+from pipeline_steps.core.errors import DataError
 
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 PIXEL_KEYWORDS = {

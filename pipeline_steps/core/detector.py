@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline_steps.config import TestParams, TrainParams
+from pipeline_steps.core.config import TestParams, TrainParams
 
 if TYPE_CHECKING:
     import keras
