@@ -27,6 +27,7 @@ from flows.tracking import tracking_uri
 from pipeline_steps.core.config import Params
 from pipeline_steps.core.errors import DataError, TrackingError
 from pipeline_steps.core.layout import Layout
+from pipeline_steps.gate import Check, GateResult, evaluate_gate
 from pipeline_steps.governance.ledger import (
     Entry,
     Ledger,
@@ -39,16 +40,13 @@ from pipeline_steps.governance.lifecycle import (
     ARCHIVED,
     STAGES,
     AliasOp,
-    Check,
     ConcurrentTransition,
-    GateResult,
     Move,
     RegistryOp,
     RequirementsNotMet,
     TagOp,
     TransitionError,
     UnknownVersion,
-    evaluate_gate,
     parse_stage,
     plan_transition,
     previous_production,

@@ -1,22 +1,13 @@
-"""Model stages as registry aliases: the rules of moving between them, replaying their history, and the
-champion/challenger gate. Pure functions on plain data; `flows/registry.py` applies them to MLflow."""
+"""A model version's lifecycle (candidate, staging, production) as registry aliases: the rules of moving
+between lifecycle stages and replaying their history. Pure functions on plain data; `flows/registry.py`
+applies them to MLflow. ("Stage" alone means a pipeline stage elsewhere in the code.)"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
-import numpy as np
-
-from pipeline_steps.core.config import GateParams
 from pipeline_steps.core.errors import RadflowError
-from pipeline_steps.evaluate import (
-    average_precision,
-    evaluate_detections,
-    froc,
-    image_auroc,
-)
 
 STAGES = ("candidate", "staging", "production")
 # `champion` is the same stage as production, kept as a second alias for models:/name@champion.
@@ -29,8 +20,6 @@ SYNONYMS = {"champion": "production"}
 STAGE_OF_ALIAS = {alias: stage for stage, aliases in STAGE_ALIASES.items() for alias in aliases}
 # Not an alias: a version that left production carries this tag (its value: when it left).
 ARCHIVED = "archived"
-
-MetricFn = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], float]
 
 
 class TransitionError(RadflowError):
@@ -197,203 +186,3 @@ def previous_production(moves: Sequence[Move]) -> str | None:
         if version != current:
             return version
     return None
-
-
-# --------------------------------------------------------------------------------------------
-# Champion/challenger gate
-
-
-def gate_metric(name: str) -> MetricFn:
-    """The gate's headline metric as a function of (preds, gts), for the bootstrap."""
-    if name == "ap50":
-        return lambda p, g: average_precision(p, g, 0.5)
-    if name == "cpm":
-        return lambda p, g: float(froc(p, g)["cpm"])
-    if name == "sens_at_1fp":
-        return lambda p, g: float(froc(p, g, fp_rates=(1.0,))["sensitivity_at_rates"][0])
-    if name == "auroc":
-        return image_auroc
-    raise ValueError(f"no gate metric {name!r}")
-
-
-def paired_bootstrap(
-    metric_fn: MetricFn,
-    candidate: Sequence[np.ndarray],
-    production: Sequence[np.ndarray],
-    gts: Sequence[np.ndarray],
-    patient_ids: Sequence[Hashable],
-    n_boot: int,
-    seed: int,
-    level: float,
-) -> tuple[float, float, float]:
-    """metric(candidate) - metric(production) on all images, and its percentile interval.
-
-    Each replicate draws patients with replacement (each brings all of its images, which are not
-    independent) and scores both models on the same draw, so the interval is that of the paired
-    difference, far narrower than two separate intervals would suggest. Replicates where the
-    difference is undefined (no ground truth drawn) are dropped; none left gives nan bounds.
-    """
-    if not len(candidate) == len(production) == len(gts) == len(patient_ids):
-        raise ValueError("candidate, production, gts and patient_ids must be aligned by image")
-    delta = metric_fn(candidate, gts) - metric_fn(production, gts)
-    groups: dict[Hashable, list[int]] = {}
-    for i, pid in enumerate(patient_ids):
-        groups.setdefault(pid, []).append(i)
-    members = list(groups.values())
-    if not members:
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_boot):
-        idx = [i for k in rng.integers(0, len(members), size=len(members)) for i in members[k]]
-        g = [gts[i] for i in idx]
-        value = metric_fn([candidate[i] for i in idx], g) - metric_fn(
-            [production[i] for i in idx], g
-        )
-        if np.isfinite(value):
-            values.append(value)
-    if not values:
-        return float(delta), float("nan"), float("nan")
-    alpha = 1.0 - level
-    low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
-    return float(delta), float(low), float(high)
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    passed: bool
-    detail: str
-
-
-@dataclass(frozen=True)
-class GateResult:
-    """The gate's decision with the numbers behind it, as recorded in the ledger and on the version."""
-
-    passed: bool
-    promote_to: tuple[
-        str, ...
-    ]  # stages to move the candidate to, in order (empty: stays candidate)
-    reason: str
-    metric: str
-    candidate: float
-    production: float | None  # None: there was no production model to compare with
-    delta: float | None
-    ci_low: float | None
-    ci_high: float | None
-    checks: tuple[Check, ...]
-    params: dict[str, Any]
-    n_images: int
-    n_patients: int
-    candidate_metrics: dict[str, float] = field(default_factory=dict)
-    production_metrics: dict[str, float] | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _fmt(value: float | None) -> str:
-    return "nan" if value is None or not np.isfinite(value) else f"{value:.4f}"
-
-
-def decide_gate(
-    candidate_metrics: Mapping[str, float],
-    production_metrics: Mapping[str, float] | None,
-    delta_ci: tuple[float, float, float] | None,
-    params: GateParams,
-    n_images: int,
-    n_patients: int,
-) -> GateResult:
-    """Pass only if every absolute threshold holds and, when there is a production model, the
-    candidate beats it by at least `min_delta` with the CI's lower bound above 0."""
-    checks = []
-    for name, floor in sorted(params.thresholds.items()):
-        value = candidate_metrics.get(name, float("nan"))
-        ok = bool(np.isfinite(value) and value >= floor)
-        checks.append(Check(f"threshold:{name}", ok, f"{name} {_fmt(value)} >= {floor:g}"))
-    delta = low = high = None
-    if production_metrics is None or delta_ci is None:
-        checks.append(
-            Check("champion", True, "no production model to compare with: thresholds decide")
-        )
-    else:
-        delta, low, high = delta_ci
-        checks.append(
-            Check(
-                "min_delta",
-                bool(np.isfinite(delta) and delta >= params.min_delta),
-                f"{params.metric} delta {_fmt(delta)} >= {params.min_delta:g}",
-            )
-        )
-        checks.append(
-            Check(
-                "ci_lower_bound",
-                bool(np.isfinite(low) and low > 0.0),
-                f"{params.ci_level:.0%} CI of the delta [{_fmt(low)}, {_fmt(high)}] lies above 0",
-            )
-        )
-    failed = [c.detail for c in checks if not c.passed]
-    passed = not failed
-    promote_to: tuple[str, ...] = ()
-    if passed:
-        promote_to = ("staging", "production") if params.auto_promote else ("staging",)
-    reason = (
-        ("failed: " + "; ".join(failed))
-        if failed
-        else "passed: " + "; ".join(c.detail for c in checks)
-    )
-    return GateResult(
-        passed=passed,
-        promote_to=promote_to,
-        reason=reason,
-        metric=params.metric,
-        candidate=float(candidate_metrics.get(params.metric, float("nan"))),
-        production=None
-        if production_metrics is None
-        else float(production_metrics.get(params.metric, float("nan"))),
-        delta=delta,
-        ci_low=low,
-        ci_high=high,
-        checks=tuple(checks),
-        params=params.model_dump(mode="json"),
-        n_images=n_images,
-        n_patients=n_patients,
-        candidate_metrics=dict(candidate_metrics),
-        production_metrics=None if production_metrics is None else dict(production_metrics),
-    )
-
-
-def evaluate_gate(
-    candidate: Sequence[np.ndarray],
-    production: Sequence[np.ndarray] | None,
-    gts: Sequence[np.ndarray],
-    patient_ids: Sequence[Hashable],
-    params: GateParams,
-) -> GateResult:
-    """Score the candidate (and production, on the same images) and decide.
-
-    Predictions are (k, 5) arrays per image in the same coordinates as `gts` (k, 4).
-    """
-    cand_metrics = evaluate_detections(candidate, gts, patient_ids)
-    prod_metrics = None
-    delta_ci = None
-    if production is not None:
-        prod_metrics = evaluate_detections(production, gts, patient_ids)
-        delta_ci = paired_bootstrap(
-            gate_metric(params.metric),
-            candidate,
-            production,
-            gts,
-            patient_ids,
-            params.n_boot,
-            params.seed,
-            params.ci_level,
-        )
-    return decide_gate(
-        cand_metrics,
-        prod_metrics,
-        delta_ci,
-        params,
-        n_images=len(gts),
-        n_patients=len(set(patient_ids)),
-    )

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline_steps.core.config import GateParams
+from pipeline_steps.gate import decide_gate, evaluate_gate, gate_metric, paired_bootstrap
 from pipeline_steps.governance.lifecycle import (
     ARCHIVED,
     AliasOp,
@@ -13,10 +14,6 @@ from pipeline_steps.governance.lifecycle import (
     TagOp,
     TransitionError,
     UnknownStage,
-    decide_gate,
-    evaluate_gate,
-    gate_metric,
-    paired_bootstrap,
     parse_stage,
     plan_transition,
     previous_production,
