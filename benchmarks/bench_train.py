@@ -53,7 +53,7 @@ def synthetic_examples(n: int, size: int, seed: int) -> list[tuple[np.ndarray, n
 
 
 def workspace_examples(workspace: Path) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
-    from pipeline_steps.preprocess import load_split
+    from pipeline_steps.core.shards import load_split
 
     split = load_split(workspace / "data" / "processed", "train")
     examples = list(split.examples())

@@ -63,7 +63,7 @@ def train(layout: Layout, params: Params) -> dict[str, object]:
 
 
 def test(layout: Layout, params: Params) -> dict[str, float]:
-    from pipeline_steps import evaluate
+    from pipeline_steps import test as evaluate
     from pipeline_steps.core import report
 
     metrics = evaluate.run(

@@ -40,7 +40,8 @@ from scipy import ndimage
 
 from pipeline_steps.core.config import ExtractFeaturesParams
 from pipeline_steps.core.layout import Layout
-from pipeline_steps.preprocess import QUANT, SPLITS, UNLABELLED, geometry_of
+from pipeline_steps.core.shards import QUANT, SPLITS, UNLABELLED
+from pipeline_steps.core.transforms import geometry_of
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,7 @@ from typing import Any
 import numpy as np
 
 from pipeline_steps.core.config import GateParams
-from pipeline_steps.evaluate import (
-    average_precision,
-    evaluate_detections,
-    froc,
-    image_auroc,
-)
+from pipeline_steps.core.metrics import average_precision, evaluate_detections, froc, image_auroc
 
 MetricFn = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], float]
 

@@ -12,150 +12,40 @@ import hashlib
 import io
 import json
 import logging
-import multiprocessing
 import os
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from pipeline_steps.core.config import PreprocessParams, SplitParams
-from pipeline_steps.core.dicom_io import DicomImage, read_image
+from pipeline_steps.core.dicom_io import read_image
 from pipeline_steps.core.errors import DataError
 from pipeline_steps.core.layout import Layout
-from pipeline_steps.ingest import NO_FINDING
+from pipeline_steps.core.parallel import Crash, map_resilient, open_runner
+from pipeline_steps.core.shards import (
+    MANIFEST_COLUMNS,
+    SPLITS,
+    UNLABELLED,
+    shard_bytes,
+    write_shard,
+)
+from pipeline_steps.core.transforms import (
+    Geometry,
+    plan_geometry,
+    preprocess_image,
+    transform_boxes,
+)
+from pipeline_steps.core.labels import NO_FINDING
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
-UNLABELLED = "unlabelled"
-QUANT = 65535.0  # shards store [0, 1] as uint16: half the bytes of float32, far below the detector's noise
 # Bump when the reader or the transforms below change the pixels they produce: it retires the cache.
 PIXEL_VERSION = "1"
 MAX_SPACING_MM = 5.0
-MANIFEST_COLUMNS = [
-    "image_id",
-    "content_hash",
-    "patient_pseudonym",
-    "split",
-    "positive",
-    "shard",
-    "index",
-    "orig_rows",
-    "orig_cols",
-    "scale_x",
-    "scale_y",
-    "pad_x",
-    "pad_y",
-    "spacing_source",
-    "spacing_flagged",
-    "cache_key",
-]
-BOX_COLUMNS = ["image_id", "label", "x_min", "y_min", "x_max", "y_max", "clipped"]
-# Starting worker processes costs ~1-2 s of imports (spawn), the work of ~100 images here; fewer
-# misses than this run in-process, which is what keeps a 1%-new re-run cheap.
-POOL_MIN_JOBS = 64
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Original pixel coordinates -> model input coordinates: x' = x * scale_x + pad_x (exactly invertible)."""
-
-    orig_rows: int
-    orig_cols: int
-    scale_x: float
-    scale_y: float
-    pad_x: int
-    pad_y: int
-    size: int
-
-    def forward(self, boxes: np.ndarray) -> np.ndarray:
-        out = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
-        out[:, [0, 2]] = out[:, [0, 2]] * self.scale_x + self.pad_x
-        out[:, [1, 3]] = out[:, [1, 3]] * self.scale_y + self.pad_y
-        return out
-
-    def inverse(self, boxes: np.ndarray) -> np.ndarray:
-        out = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
-        out[:, [0, 2]] = (out[:, [0, 2]] - self.pad_x) / self.scale_x
-        out[:, [1, 3]] = (out[:, [1, 3]] - self.pad_y) / self.scale_y
-        return out
-
-    @property
-    def content(self) -> tuple[int, int, int, int]:
-        """(x0, y0, x1, y1) of the resized image inside the canvas; the rest is letterbox padding."""
-        out_w, out_h = round(self.orig_cols * self.scale_x), round(self.orig_rows * self.scale_y)
-        return self.pad_x, self.pad_y, self.pad_x + out_w, self.pad_y + out_h
-
-
-def plan_geometry(
-    rows: int, cols: int, spacing_row_mm: float, spacing_col_mm: float, size: int, target_mm: float
-) -> Geometry:
-    """Resample to the common spacing, shrinking further only if the image would not fit the letterbox."""
-    fy, fx = spacing_row_mm / target_mm, spacing_col_mm / target_mm
-    shrink = min(1.0, size / (rows * fy), size / (cols * fx))
-    out_h = max(1, min(size, round(rows * fy * shrink)))
-    out_w = max(1, min(size, round(cols * fx * shrink)))
-    return Geometry(
-        rows, cols, out_w / cols, out_h / rows, (size - out_w) // 2, (size - out_h) // 2, size
-    )
-
-
-class DisplayWindow:
-    """Modality values -> display intensity in [0, 1] (MONOCHROME2 sense: bone bright)."""
-
-    def __init__(self, mode: str, percentiles: tuple[float, float]) -> None:
-        self.mode = mode
-        self.percentiles = percentiles
-
-    def __call__(self, image: DicomImage) -> np.ndarray:
-        pixels = image.pixels
-        center, width = image.window.center, image.window.width
-        if self.mode == "dicom" and center is not None and width is not None and width > 1:
-            low, high = center - width / 2.0, center + width / 2.0
-        else:
-            # A strided sample is enough for robust quantiles and ~16x cheaper.
-            low, high = (float(v) for v in np.percentile(pixels[::4, ::4], self.percentiles))
-            if high <= low:
-                high = low + 1.0
-        # One affine map and a clip, on one float32 buffer (this runs on every full-size image).
-        # pydicom's windowing never inverts MONOCHROME1; the sign below is the one place it happens.
-        scale = 1.0 / (high - low)
-        if image.photometric == "MONOCHROME1":
-            slope, offset = -scale, high * scale  # 1 - (x - low) / (high - low)
-        else:
-            slope, offset = scale, -low * scale
-        out = np.multiply(pixels, np.float32(slope), dtype=np.float32)
-        out += np.float32(offset)
-        return np.clip(out, 0.0, 1.0, out=out)
-
-
-class Letterbox:
-    """Resize by a planned Geometry and pad to a square of `size` (zeros = black border)."""
-
-    def __init__(self, geometry: Geometry) -> None:
-        self.geometry = geometry
-
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        from PIL import Image
-
-        x0, y0, x1, y1 = self.geometry.content
-        resized = np.asarray(
-            Image.fromarray(np.asarray(image, dtype=np.float32), mode="F").resize(
-                (x1 - x0, y1 - y0), Image.Resampling.BILINEAR
-            ),
-            dtype=np.float32,
-        )
-        canvas = np.zeros((self.geometry.size, self.geometry.size), dtype=np.float32)
-        canvas[y0:y1, x0:x1] = resized
-        return canvas
 
 
 def assign_split(patient_pseudonym: str, params: SplitParams) -> str:
@@ -211,15 +101,6 @@ def split_balance(manifest: pd.DataFrame, params: SplitParams) -> dict[str, Any]
     return out
 
 
-def preprocess_image(image: DicomImage, geometry: Geometry, params: PreprocessParams) -> np.ndarray:
-    """One decoded image to its uint16 model input."""
-    display = DisplayWindow(params.window, params.percentiles)(image)
-    boxed = Letterbox(geometry)(display)
-    np.clip(boxed, 0.0, 1.0, out=boxed)
-    boxed *= np.float32(QUANT)
-    return np.rint(boxed).astype(np.uint16)
-
-
 # --------------------------------------------------------------------------------------------
 # Per-image work and its cache
 
@@ -243,13 +124,6 @@ class Outcome:
     pixels: np.ndarray | None
     reason: str = ""  # decode_failed | shape_mismatch
     message: str = ""
-
-
-@dataclass(frozen=True)
-class Crash:
-    """A job whose worker raised or died on every attempt (a property of the run, not the file)."""
-
-    message: str
 
 
 def process_file(job: PixelJob, params: PreprocessParams) -> Outcome:
@@ -377,259 +251,6 @@ class PixelCache:
         else:
             entry = {"reason": outcome.reason, "message": outcome.message}
             _write_atomic(folder / f"{key}.{self.decoders}.fail.json", json.dumps(entry).encode())
-
-
-# --------------------------------------------------------------------------------------------
-# Running jobs: inline, on a process pool, or on Dask, with crash retries
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-class InlineExecutor(Executor):
-    """Runs each call at submit time, in this process: the 1-worker runner, with no pickling."""
-
-    def submit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> Future[R]:
-        future: Future[R] = Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except Exception as exc:
-            future.set_exception(exc)
-        return future
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
-def map_resilient(
-    fn: Callable[[T], R],
-    items: Sequence[T],
-    make_executor: Callable[[], Executor],
-    slots: int,
-    attempts: int = 2,
-) -> Iterator[tuple[int, R | Crash]]:
-    """Yield (index, fn(item)) as results arrive, with at most `slots` calls in flight.
-
-    A call that raises, or whose worker dies, is retried later on its own, so a crash is pinned on
-    the item that causes it rather than on the items that shared the pool; after `attempts` tries
-    it comes back as a Crash. A broken process pool is replaced; finished results are never lost.
-    """
-    pending = deque(range(len(items)))
-    suspects: deque[int] = deque()
-    tries: Counter[int] = Counter()
-    in_flight: dict[Future[R], int] = {}
-    executor = make_executor()
-    try:
-        while pending or suspects or in_flight:
-            while pending and len(in_flight) < slots:
-                i = pending.popleft()
-                in_flight[executor.submit(fn, items[i])] = i
-            if not in_flight:
-                i = suspects.popleft()  # alone: if the pool breaks now, this item broke it
-                in_flight[executor.submit(fn, items[i])] = i
-            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-            broken = False
-            for future in done:
-                i = in_flight.pop(future)
-                tries[i] += 1
-                try:
-                    result = future.result()
-                except Exception as exc:
-                    broken = broken or isinstance(exc, BrokenProcessPool)
-                    if tries[i] >= attempts:
-                        yield i, Crash(_describe(exc))
-                    else:
-                        suspects.append(i)
-                    continue
-                yield i, result
-            if broken:
-                # The other calls on the dead pool fail too (unless they had just finished):
-                # they go back as suspects, to be run alone.
-                for future, i in list(in_flight.items()):
-                    if future.exception() is None:
-                        yield i, future.result()
-                        continue
-                    tries[i] += 1
-                    if tries[i] >= attempts:
-                        yield i, Crash("the worker process died while it ran this image")
-                    else:
-                        suspects.append(i)
-                in_flight.clear()
-                _close(executor, cancel=True)
-                executor = make_executor()
-        _close(executor, cancel=False)
-    except BaseException:
-        _close(executor, cancel=True)
-        raise
-
-
-def _close(executor: Executor, cancel: bool) -> None:
-    if isinstance(executor, ProcessPoolExecutor):
-        executor.shutdown(wait=not cancel, cancel_futures=cancel)
-    else:  # distributed's ClientExecutor has no cancel_futures: wait=False cancels
-        executor.shutdown(wait=not cancel)
-
-
-@dataclass(frozen=True)
-class Runner:
-    name: str
-    make_executor: Callable[[], Executor]
-    slots: int
-
-
-def worker_count(params: PreprocessParams) -> int:
-    if params.workers:
-        return params.workers
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-@contextmanager
-def open_runner(params: PreprocessParams, jobs: int) -> Iterator[Runner]:
-    """Dask when a scheduler address is configured, else a pool of worker processes, else (too few
-    jobs to pay for starting processes) this process."""
-    address = params.dask_address or os.environ.get("DASK_SCHEDULER_ADDRESS", "")
-    if address and jobs:
-        from distributed import Client
-
-        client = Client(address, set_as_default=False)
-        try:
-            threads = max(1, sum(client.nthreads().values()))
-            # pure=False: a retried job must run again, not return the cached failed future.
-            yield Runner(f"dask {address}", lambda: client.get_executor(pure=False), 2 * threads)
-        finally:
-            client.close()
-        return
-    workers = worker_count(params)
-    if jobs < POOL_MIN_JOBS:
-        yield Runner("inline", InlineExecutor, 1)
-        return
-    # spawn, not fork: the caller may hold threads (Prefect), and forking those can deadlock.
-    # One worker is a process too: it gets the tuned allocator, and the caller's process keeps its own.
-    context = multiprocessing.get_context("spawn")
-    yield Runner(
-        f"processes x{workers}",
-        lambda: ProcessPoolExecutor(
-            max_workers=workers, mp_context=context, initializer=tune_allocator
-        ),
-        4 * workers,
-    )
-
-
-def tune_allocator() -> None:
-    """Keep freed image buffers in a worker's heap instead of handing them back to the kernel.
-
-    Each image allocates short-lived arrays of 2-8 MB. With glibc's defaults those are mmap'd and
-    unmapped per image, so every image page-faults its buffers in again; on the 2-vCPU VMs here that
-    made two workers together slower than one tuned worker (page faults scale badly across vCPUs).
-    Measured on 300 synthetic 1024^2 images: one process 85-99 -> 117-121 img/s; two side by side
-    90 -> 193 img/s in total. Only worker processes radflow starts are tuned (not Dask's, not the
-    caller's process)."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's maximum on 64-bit
-    mallopt(m_trim_threshold, 512 * 2**20)
-
-
-# --------------------------------------------------------------------------------------------
-# Shards
-
-
-def _npy_header(shape: tuple[int, ...]) -> bytes:
-    """The header np.save writes for a C-order uint16 array of `shape` (format 1.0)."""
-    buffer = io.BytesIO()
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint16)), "fortran_order": False}
-    np.lib.format.write_array_header_1_0(buffer, {**header, "shape": shape})
-    return buffer.getvalue()
-
-
-def write_shard(path: Path, images: Iterable[np.ndarray], count: int, size: int) -> None:
-    """Stream `count` (size, size) uint16 images into one .npy, byte-identical to np.save(np.stack(...)),
-    holding one image at a time."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    written = 0
-    with tmp.open("wb") as fh:
-        fh.write(_npy_header((count, size, size)))
-        for image in images:
-            fh.write(np.ascontiguousarray(image, dtype=np.uint16).tobytes())
-            written += 1
-    if written != count:
-        tmp.unlink()
-        raise ValueError(f"{path.name}: {written} images written, {count} declared")
-    os.replace(tmp, path)
-
-
-def shard_bytes(count: int, size: int) -> int:
-    return len(_npy_header((count, size, size))) + count * size * size * 2
-
-
-# --------------------------------------------------------------------------------------------
-# Boxes
-
-
-def transform_boxes(
-    labels: pd.DataFrame, manifest: pd.DataFrame, size: int
-) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """Ground-truth boxes in model-input pixels, and the boxes that had to be clipped.
-
-    A box is clipped to the original image (so, after geometry, to the resized image and never into
-    the letterbox padding); `clipped` marks it. A box with no area left is dropped. Both are reported.
-    """
-    positives = labels.dropna(subset=["x_min"]).merge(
-        manifest[["image_id", "orig_rows", "orig_cols", "scale_x", "scale_y", "pad_x", "pad_y"]],
-        on="image_id",
-    )
-    positives = positives.sort_values(
-        ["image_id", "x_min", "y_min", "x_max", "y_max"], kind="stable"
-    ).reset_index(drop=True)
-    original = positives[["x_min", "y_min", "x_max", "y_max"]].to_numpy(np.float64)
-    rows = positives["orig_rows"].to_numpy(np.float64)
-    cols = positives["orig_cols"].to_numpy(np.float64)
-    limits = np.column_stack([np.zeros_like(cols), np.zeros_like(rows), cols, rows])
-    low = np.minimum(original[:, :2], original[:, 2:])  # a box given corner-swapped is still a box
-    high = np.maximum(original[:, :2], original[:, 2:])
-    inside = np.hstack([np.maximum(low, limits[:, :2]), np.minimum(high, limits[:, 2:])])
-    clipped = ~np.isclose(inside, np.hstack([low, high])).all(axis=1)
-    empty = (inside[:, 2] <= inside[:, 0]) | (inside[:, 3] <= inside[:, 1])
-    mapped = inside.copy()
-    mapped[:, [0, 2]] = inside[:, [0, 2]] * positives[["scale_x"]].to_numpy() + positives[
-        ["pad_x"]
-    ].to_numpy(np.float64)
-    mapped[:, [1, 3]] = inside[:, [1, 3]] * positives[["scale_y"]].to_numpy() + positives[
-        ["pad_y"]
-    ].to_numpy(np.float64)
-    mapped = np.clip(mapped, 0, size)  # rounding of the content edge cannot leave the canvas
-    boxes = pd.DataFrame(
-        {
-            "image_id": positives["image_id"].astype(str),
-            "label": positives["label"].astype(str),
-            "x_min": mapped[:, 0],
-            "y_min": mapped[:, 1],
-            "x_max": mapped[:, 2],
-            "y_max": mapped[:, 3],
-            "clipped": clipped,
-        },
-        columns=BOX_COLUMNS,
-    )
-    report = [
-        {
-            "image_id": str(positives.at[k, "image_id"]),
-            "original": [float(v) for v in original[k]],
-            "clipped_to": None if empty[k] else [float(v) for v in inside[k]],
-            "dropped": bool(empty[k]),
-        }
-        for k in np.flatnonzero(clipped | empty)
-    ]
-    return boxes[~empty].reset_index(drop=True), report
 
 
 # --------------------------------------------------------------------------------------------
@@ -960,47 +581,3 @@ def run(
     data/processed. Returns the manifest. Per-image results are cached under `cache_dir` (default
     `.radflow/cache/preprocess`), so only new or changed images are decoded."""
     return build_processed(layout, params, progress, cache_dir=cache_dir).manifest
-
-
-def geometry_of(row: Mapping[str, Any], size: int) -> Geometry:
-    return Geometry(
-        int(row["orig_rows"]),
-        int(row["orig_cols"]),
-        float(row["scale_x"]),
-        float(row["scale_y"]),
-        int(row["pad_x"]),
-        int(row["pad_y"]),
-        size,
-    )
-
-
-@dataclass(frozen=True)
-class ProcessedSplit:
-    """Streaming view of one split: images are memory-mapped shard by shard, never all loaded at once."""
-
-    processed_dir: Path
-    manifest: pd.DataFrame  # rows of this split
-    boxes: dict[str, np.ndarray]
-
-    def __len__(self) -> int:
-        return len(self.manifest)
-
-    def examples(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for shard, rows in self.manifest.groupby("shard", sort=True):
-            data = np.load(self.processed_dir / "shards" / str(shard), mmap_mode="r")
-            for _, row in rows.sort_values("index").iterrows():
-                image = np.asarray(data[int(row["index"])], dtype=np.float32) / QUANT
-                yield image, self.boxes.get(str(row["image_id"]), np.zeros((0, 4), np.float32))
-
-
-def load_split(processed_dir: Path, split: str) -> ProcessedSplit:
-    manifest = pd.read_parquet(processed_dir / "manifest.parquet")
-    rows = (
-        manifest[manifest["split"] == split].sort_values(["shard", "index"]).reset_index(drop=True)
-    )
-    boxes = pd.read_parquet(processed_dir / "boxes.parquet")
-    grouped = {
-        str(k): g[["x_min", "y_min", "x_max", "y_max"]].to_numpy(np.float32)
-        for k, g in boxes.groupby("image_id")
-    }
-    return ProcessedSplit(processed_dir, rows, grouped)

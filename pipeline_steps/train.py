@@ -29,7 +29,7 @@ from pipeline_steps.core.detector import (
     pack_targets,
 )
 from pipeline_steps.core.errors import ConfigError, DataError
-from pipeline_steps.evaluate import average_precision
+from pipeline_steps.core.metrics import average_precision
 
 if TYPE_CHECKING:
     import keras
@@ -817,7 +817,7 @@ def run(
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Stage edge: processed shards -> models/detector.keras and reports/train_history.json."""
-    from pipeline_steps.preprocess import load_split
+    from pipeline_steps.core.shards import load_split
 
     if not layout.manifest.exists():
         raise DataError(f"{layout.manifest}: missing. Run the `preprocess` stage first.")

@@ -330,7 +330,7 @@ def fit_baseline(
     """
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    from pipeline_steps.evaluate import box_iou
+    from pipeline_steps.core.boxes import box_iou
 
     probe = BlobDetector(params, spacing_mm, _RADIUS_PER_SIGMA, None)
     blobs_per_image: list[tuple[Blobs, FloatArray, FloatArray]] = []
@@ -374,7 +374,7 @@ def finalize(
 ) -> FloatArray:
     """Keep boxes scoring at least `score_floor`, then NMS and the per-image cap, as the deep
     model's decoder does, so that both detectors are scored under the same rules."""
-    from pipeline_steps.core.detector import non_max_suppression
+    from pipeline_steps.core.boxes import non_max_suppression
 
     kept = np.asarray(detections, np.float32).reshape(-1, 5)
     kept = kept[kept[:, 4] >= score_floor]

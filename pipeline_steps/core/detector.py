@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline_steps.core.boxes import non_max_suppression
 from pipeline_steps.core.config import TestParams, TrainParams
 
 if TYPE_CHECKING:
@@ -348,32 +349,6 @@ def _local_maxima(heat: np.ndarray) -> np.ndarray:
         axis=0,
     )
     return heat >= pooled
-
-
-def box_iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """IoU of one (4,) box against (n, 4) boxes, all x_min, y_min, x_max, y_max."""
-    ix0 = np.maximum(box[0], others[:, 0])
-    iy0 = np.maximum(box[1], others[:, 1])
-    ix1 = np.minimum(box[2], others[:, 2])
-    iy1 = np.minimum(box[3], others[:, 3])
-    inter = np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
-    return np.asarray(inter / np.maximum(area + areas - inter, 1e-9), np.float32)
-
-
-def non_max_suppression(boxes: np.ndarray, iou_threshold: float, limit: int) -> np.ndarray:
-    """Greedy NMS over (n, 5) boxes sorted by descending score; keeps at most `limit`."""
-    kept: list[int] = []
-    suppressed = np.zeros(len(boxes), bool)
-    for i in range(len(boxes)):
-        if suppressed[i]:
-            continue
-        kept.append(i)
-        if len(kept) == limit:
-            break
-        suppressed[i + 1 :] |= box_iou(boxes[i, :4], boxes[i + 1 :, :4]) > iou_threshold
-    return boxes[kept]
 
 
 def decode_detections(outputs: Any, params: TestParams, input_size: int) -> list[np.ndarray]:

@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from pipeline_steps.core.boxes import box_iou
 from pipeline_steps.core.errors import DataError
 
 # The canonical table: one row per box in original DICOM pixel coordinates (x to the right, y down),
@@ -47,18 +48,6 @@ class FusedBoxes:
     members: tuple[tuple[int, ...], ...]  # indices of the input boxes fused into each box
 
 
-def box_iou(box: FloatArray, others: FloatArray) -> FloatArray:
-    """IoU of one (4,) box with each of (n, 4) boxes."""
-    if len(others) == 0:
-        return np.zeros(0)
-    lo = np.maximum(box[:2], others[:, :2])
-    hi = np.minimum(box[2:], others[:, 2:])
-    inter = np.prod(np.clip(hi - lo, 0.0, None), axis=1)
-    area = np.prod(box[2:] - box[:2])
-    areas = np.prod(others[:, 2:] - others[:, :2], axis=1)
-    return np.asarray(inter / (area + areas - inter), dtype=np.float64)
-
-
 def weighted_box_fusion(
     boxes: FloatArray,
     scores: FloatArray,
@@ -81,7 +70,7 @@ def weighted_box_fusion(
     members: list[list[int]] = []
     fused = np.zeros((0, 4))
     for i in order:
-        iou = box_iou(boxes[i], fused)
+        iou = box_iou(boxes[i : i + 1], fused)[0]
         for k, group in enumerate(members):  # a source's own boxes stay apart
             if any(sources[j] == sources[i] for j in group):
                 iou[k] = -1.0

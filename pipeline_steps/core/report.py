@@ -395,7 +395,7 @@ def _data_version(layout: Layout) -> str:
 
 def run(layout: Layout) -> Path:
     """Stage `test` edge (after evaluate.run): write reports/latest/index.html."""
-    from pipeline_steps.evaluate import details_path
+    from pipeline_steps.test import details_path
 
     metrics = _read_json(layout.metrics) or {}
     details = _read_json(details_path(layout)) or {}

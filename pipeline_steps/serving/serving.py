@@ -25,7 +25,8 @@ from pipeline_steps.core.detector import predict_boxes
 from pipeline_steps.core.dicom_io import DicomImage, read_image
 from pipeline_steps.core.errors import DataError
 from pipeline_steps.core.labels import RSNA_LABEL
-from pipeline_steps.preprocess import QUANT, Geometry, plan_geometry, preprocess_image
+from pipeline_steps.core.shards import QUANT
+from pipeline_steps.core.transforms import Geometry, plan_geometry, preprocess_image
 
 if TYPE_CHECKING:
     import keras

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 def _shards(layout, size: int, n: int = 3) -> np.ndarray:
     """A shard and a keyed manifest for the workspace's images (what `preprocess` leaves)."""
-    from pipeline_steps.preprocess import QUANT
+    from pipeline_steps.core.shards import QUANT
 
     manifest = pd.read_parquet(layout.manifest).head(n).reset_index(drop=True)
     rng = np.random.default_rng(4)

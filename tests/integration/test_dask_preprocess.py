@@ -8,7 +8,8 @@ import dask
 import pytest
 
 from pipeline_steps.core.config import PreprocessParams
-from pipeline_steps.preprocess import Crash, build_processed, map_resilient
+from pipeline_steps.core.parallel import Crash, map_resilient
+from pipeline_steps.preprocess import build_processed
 from tests.unit.test_preprocess import _digest, _workspace
 
 pytestmark = pytest.mark.integration

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.integration
 def test_serving_prepares_pixels_exactly_as_the_preprocess_stage(tmp_path):
     from pipeline_steps.core.config import PreprocessParams
     from pipeline_steps.core.dicom_io import read_image
-    from pipeline_steps.preprocess import QUANT, PixelJob, process_file
+    from pipeline_steps.core.shards import QUANT
+    from pipeline_steps.preprocess import PixelJob, process_file
     from pipeline_steps.serving.serving import prepare
 
     rng = np.random.default_rng(1)

@@ -21,7 +21,7 @@ from pipeline_steps.core.baseline import (
     working_factor,
 )
 from pipeline_steps.core.config import BaselineParams
-from pipeline_steps.evaluate import average_precision, froc
+from pipeline_steps.core.metrics import average_precision, froc
 
 S = 96
 SPACING = 1.4  # mm per pixel, as preprocessing gives by default

@@ -12,26 +12,24 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline_steps.evaluate import (
-    age_band,
+from pipeline_steps.core.bootstrap import bootstrap_ci, bootstrap_cis, paired_bootstrap_ci
+from pipeline_steps.core.boxes import box_iou
+from pipeline_steps.core.metrics import (
     average_precision,
-    bootstrap_ci,
-    bootstrap_cis,
-    box_iou,
     calibration_curve,
     coco_map,
     evaluate_detections,
-    flatten_subgroups,
     froc,
     image_auroc,
+    rsna_score,
+)
+from pipeline_steps.core.plots import plot_detection_grid, plot_froc, plot_pr
+from pipeline_steps.core.subgroups import (
+    age_band,
+    flatten_subgroups,
     lesion_sensitivity,
     metric_key_part,
     operating_threshold,
-    paired_bootstrap_ci,
-    plot_detection_grid,
-    plot_froc,
-    plot_pr,
-    rsna_score,
     size_band,
     subgroup_metrics,
 )

@@ -8,8 +8,9 @@ import pytest
 from pipeline_steps import extract_features as features_step
 from pipeline_steps.core.config import DriftParams, ExtractFeaturesParams
 from pipeline_steps.core.layout import Layout
+from pipeline_steps.core.shards import QUANT
+from pipeline_steps.core.transforms import Letterbox, plan_geometry
 from pipeline_steps.extract_features import content_mask, glcm, image_features, texture_features
-from pipeline_steps.preprocess import QUANT, Letterbox, plan_geometry
 
 
 def test_glcm_counts_symmetric_pairs_by_hand():

@@ -2,6 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline_steps.core.boxes import box_iou
 from pipeline_steps.core.errors import DataError
 from pipeline_steps.core.labels import (
     AMBIGUOUS,
@@ -12,7 +13,6 @@ from pipeline_steps.core.labels import (
     NO_FINDING,
     ORPHAN,
     READER_COLUMNS,
-    box_iou,
     detect_format,
     import_labels,
     normalize_label,
@@ -56,8 +56,8 @@ def test_class_names_become_snake_case():
 
 def test_box_iou_by_hand():
     # Overlap 36 x 36 = 1296; areas 1600 and 1440; union 1744.
-    iou = box_iou(np.array([10.0, 10, 50, 50]), np.array([[14.0, 12, 54, 48], [60, 60, 70, 70]]))
-    assert iou == pytest.approx([1296 / 1744, 0.0])
+    iou = box_iou(np.array([[10.0, 10, 50, 50]]), np.array([[14.0, 12, 54, 48], [60, 60, 70, 70]]))
+    assert iou[0] == pytest.approx([1296 / 1744, 0.0])
 
 
 def test_wbf_fuses_overlapping_readers_and_keeps_a_lone_box():
@@ -94,7 +94,7 @@ def test_wbf_matches_against_the_moving_fused_box():
     # B overlaps A by IoU 0.6 and C overlaps A by only 0.43, but C overlaps the fused A+B box by 0.57;
     # at threshold 0.5 C therefore joins: matching is against fused boxes, not the first member.
     boxes = np.array([[0.0, 0, 10, 10], [2.5, 0, 12.5, 10], [4, 0, 14, 10]])
-    assert box_iou(boxes[0], boxes[2:]) == pytest.approx([60 / 140])
+    assert box_iou(boxes[:1], boxes[2:])[0] == pytest.approx([60 / 140])
     fused = weighted_box_fusion(boxes, np.ones(3), ["A", "B", "C"], iou_threshold=0.5)
     np.testing.assert_allclose(fused.boxes, [[6.5 / 3, 0, 36.5 / 3, 10]])
 

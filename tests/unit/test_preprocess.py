@@ -14,22 +14,17 @@ from pipeline_steps import validate as validate_step
 from pipeline_steps.core.config import IngestParams, PreprocessParams, SplitParams, ValidateParams
 from pipeline_steps.core.dicom_io import read_image
 from pipeline_steps.core.layout import Layout
-from pipeline_steps.ingest import NO_FINDING
-from pipeline_steps.preprocess import (
-    QUANT,
-    Crash,
+from pipeline_steps.core import parallel
+from pipeline_steps.core.parallel import Crash, InlineExecutor, map_resilient
+from pipeline_steps.core.shards import QUANT, load_split, write_shard
+from pipeline_steps.core.transforms import (
     DisplayWindow,
-    InlineExecutor,
-    assign_split,
-    build_processed,
-    load_split,
-    map_resilient,
     plan_geometry,
     preprocess_image,
-    split_balance,
     transform_boxes,
-    write_shard,
 )
+from pipeline_steps.ingest import NO_FINDING
+from pipeline_steps.preprocess import assign_split, build_processed, split_balance
 
 
 def test_geometry_inverse_is_exact_and_image_fits():
@@ -263,7 +258,7 @@ def test_stage_writes_manifest_shards_and_boxes_identically_serial_or_pool(
     )
     assert serial.stats.runner == "inline" and serial.stats.decoded == 8
     first = _digest(layout)
-    monkeypatch.setattr(preprocess_step, "POOL_MIN_JOBS", 0)
+    monkeypatch.setattr(parallel, "POOL_MIN_JOBS", 0)
     pooled = build_processed(
         layout, PreprocessParams(workers=2, shard_size=3), cache_dir=tmp_path / "c2"
     )

@@ -18,7 +18,7 @@ from pipeline_steps.core.report import (
     run,
     training_minutes,
 )
-from pipeline_steps.evaluate import details_path
+from pipeline_steps.test import details_path
 
 # A 1x1 PNG: enough to check embedding without matplotlib.
 PNG = base64.b64decode(
