@@ -39,7 +39,7 @@ TARGETS = {"batch_images_per_s": 20.0, "single_p95_ms": 150.0}
 def _data(root: Path, n: int) -> list[Path]:
     """n synthetic DICOMs at the default native size, generated once and reused."""
     from pipeline_steps.core.config import Params
-    from pipeline_steps.synth import generate_dataset
+    from pipeline_steps.synthetic import generate_dataset
 
     images = root / "images"
     found = sorted(images.glob("*.dcm")) if images.exists() else []

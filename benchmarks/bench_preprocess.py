@@ -41,7 +41,7 @@ def ensure_dataset(root: Path, n: int, seed: int) -> Path:
     """root/synth with at least n images (the synthetic plan is prefix-stable: n images are the
     first n of any larger set)."""
     from pipeline_steps.core.config import SynthParams
-    from pipeline_steps.synth import generate_dataset, image_id_for
+    from pipeline_steps.synthetic import generate_dataset, image_id_for
 
     synth = root / "synth"
     images = synth / "images"
@@ -234,7 +234,7 @@ def main() -> int:
         print(json.dumps(out))
         return 0
 
-    from pipeline_steps.synth import image_id_for
+    from pipeline_steps.synthetic import image_id_for
 
     n_small, n_large = args.n_small, args.n_large
     synth = ensure_dataset(args.root, n_large, args.seed)

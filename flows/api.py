@@ -201,8 +201,8 @@ def serve(
     import uvicorn
 
     from flows import workspace
+    from pipeline_steps.core.deid import pseudonym_key
     from pipeline_steps.governance.ledger import open_ledger
-    from pipeline_steps.validate import pseudonym_key
 
     started = time.monotonic()
     model = load_model(layout, params, stage=stage)

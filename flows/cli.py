@@ -67,7 +67,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from pipeline_steps.core.config import SynthParams, load_params
-    from pipeline_steps.synth import generate_dataset
+    from pipeline_steps.synthetic import generate_dataset
 
     params_file = Path(args.workspace or ".") / "params.yaml"
     synth = load_params(params_file).synth if params_file.exists() else SynthParams()
@@ -186,7 +186,7 @@ def _ensure_data(layout: object) -> None:
     """A workspace without data gets the deterministic default dataset, recorded like any ingest."""
     from flows import workspace
     from pipeline_steps.core.layout import Layout
-    from pipeline_steps.synth import generate_dataset
+    from pipeline_steps.synthetic import generate_dataset
 
     assert isinstance(layout, Layout)
     if layout.raw_dvc.exists():

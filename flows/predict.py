@@ -234,7 +234,7 @@ def batch_prediction(
     progress_bar: bool = False,
 ) -> dict[str, Any]:
     from flows import workspace as ws
-    from pipeline_steps.validate import pseudonym_key
+    from pipeline_steps.core.deid import pseudonym_key
 
     layout, params = stages.open_workspace(Path(workspace))
     files = list_inputs(Path(source))

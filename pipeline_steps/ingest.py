@@ -29,7 +29,7 @@ from pipeline_steps.core.labels import (
     import_labels,
     resolve_format,
 )
-from pipeline_steps.validate import build_metadata
+from pipeline_steps.core.screening import build_metadata
 
 __all__ = [  # the label vocabulary is re-exported: other stages import it from here
     "LABEL_COLUMNS",

@@ -25,6 +25,7 @@ import pandas as pd
 from pipeline_steps.core.config import PreprocessParams, SplitParams
 from pipeline_steps.core.dicom_io import read_image
 from pipeline_steps.core.errors import DataError
+from pipeline_steps.core.labels import NO_FINDING
 from pipeline_steps.core.layout import Layout
 from pipeline_steps.core.parallel import Crash, map_resilient, open_runner
 from pipeline_steps.core.shards import (
@@ -40,7 +41,6 @@ from pipeline_steps.core.transforms import (
     preprocess_image,
     transform_boxes,
 )
-from pipeline_steps.core.labels import NO_FINDING
 
 log = logging.getLogger(__name__)
 # Bump when the reader or the transforms below change the pixels they produce: it retires the cache.

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import os
+
+log = logging.getLogger(__name__)
 
 # The development key makes pseudonyms reproducible in tests and demos; production sets RADFLOW_PSEUDONYM_KEY.
 DEV_PSEUDONYM_KEY = "radflow-development-key-not-secret"
@@ -37,3 +41,15 @@ def age_in_years(patient_age: str | None, birth_date: str | None, study_date: st
             return float("nan")
         return float(sy - by - ((sm, sd) < (bm, bd)))
     return float("nan")
+
+
+def pseudonym_key() -> str:
+    """The pseudonymization key from the environment; the development default is announced loudly."""
+    key = os.environ.get("RADFLOW_PSEUDONYM_KEY", "")
+    if not key:
+        log.warning(
+            "RADFLOW_PSEUDONYM_KEY is not set: using the PUBLIC development key. "
+            "Pseudonyms are NOT protected; set the variable for any real data."
+        )
+        return DEV_PSEUDONYM_KEY
+    return key

@@ -108,3 +108,98 @@ class Layout:
     @property
     def mlflow_artifacts(self) -> Path:
         return self.root / "mlartifacts"
+
+    # orchestration state (flows/)
+    # the checkout itself: what makes a folder a workspace (git, DVC, params.yaml, dvc.yaml)
+    @property
+    def params_file(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def dvc_yaml(self) -> Path:
+        return self.root / "dvc.yaml"
+
+    @property
+    def dvc_dir(self) -> Path:
+        return self.root / ".dvc"
+
+    @property
+    def dvc_cache(self) -> Path:
+        return self.dvc_dir / "cache"
+
+    @property
+    def git_dir(self) -> Path:
+        return self.root / ".git"
+
+    @property
+    def gitignore(self) -> Path:
+        return self.root / ".gitignore"
+
+    @property
+    def raw_gitignore(self) -> Path:
+        """What `dvc add data/raw` writes next to data/raw.dvc; committed with it."""
+        return self.raw_dvc.parent / ".gitignore"
+
+    # what the orchestration decided and recorded
+    @property
+    def gate_report(self) -> Path:
+        return self.reports / "gate.json"
+
+    @property
+    def last_run(self) -> Path:
+        return self.state / "last_run.json"
+
+    @property
+    def dvc_lock(self) -> Path:
+        """radflow's own queue for DVC commands (not DVC's lock, not dvc.lock at the root)."""
+        return self.state / "dvc.lock"
+
+    @property
+    def synth_staging(self) -> Path:
+        return self.state / "synth"
+
+    # the nightly flow
+    @property
+    def nightly_lock(self) -> Path:
+        return self.state / "nightly.lock"
+
+    @property
+    def nightly_state(self) -> Path:
+        return self.state / "nightly_state.json"
+
+    @property
+    def nightly_log(self) -> Path:
+        return self.reports / "nightly.jsonl"
+
+    # the landing location's local side: index, staging folder, kept quarantined objects
+    @property
+    def landing_state(self) -> Path:
+        return self.state / "landing"
+
+    @property
+    def landing_seen(self) -> Path:
+        return self.landing_state / "seen.json"
+
+    @property
+    def landing_incoming(self) -> Path:
+        return self.landing_state / "incoming"
+
+    @property
+    def landing_images(self) -> Path:
+        return self.landing_incoming / "images"
+
+    @property
+    def landing_labels(self) -> Path:
+        return self.landing_incoming / "labels"
+
+    @property
+    def landing_held(self) -> Path:
+        return self.landing_incoming / "held"
+
+    @property
+    def landing_quarantine(self) -> Path:
+        return self.landing_state / "quarantine"
+
+    @property
+    def landing_quarantine_report(self) -> Path:
+        return self.reports / "landing_quarantine.csv"

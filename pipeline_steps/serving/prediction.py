@@ -122,7 +122,7 @@ def read_input(path: Path, ingest: IngestParams, key: str) -> Screened:
 
     Raises InputRejected with the ingestion reason code (or `decode_failed`).
     """
-    from pipeline_steps.validate import reject_reason
+    from pipeline_steps.core.screening import reject_reason
 
     try:
         header = scan_header(path)

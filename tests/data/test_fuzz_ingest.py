@@ -17,7 +17,7 @@ from pipeline_steps.core.config import IngestParams
 from pipeline_steps.core.deid import DEV_PSEUDONYM_KEY
 from pipeline_steps.core.dicom_io import read_image
 from pipeline_steps.core.errors import DataError
-from pipeline_steps.validate import REASONS, build_metadata
+from pipeline_steps.core.screening import REASONS, build_metadata
 from tests.conftest import FAKE_PHI, build_dicom
 
 PARAMS = IngestParams()

@@ -19,8 +19,9 @@ from pipeline_steps.core.config import IngestParams, SynthParams, ValidateParams
 from pipeline_steps.core.errors import ValidationFailed
 from pipeline_steps.core.labels import LABEL_COLUMNS, NO_FINDING
 from pipeline_steps.core.layout import Layout
+from pipeline_steps.core.screening import build_metadata
 from pipeline_steps.ingest import ingest_directory
-from pipeline_steps.synth import collect_phi, generate_dataset
+from pipeline_steps.synthetic import collect_phi, generate_dataset
 from tests.conftest import build_dicom
 
 INGEST = IngestParams()
@@ -110,7 +111,7 @@ def test_a_broken_batch_is_stopped_naming_the_expectation_and_rows(layout, synth
 
 
 def test_an_extra_phi_column_is_stopped_and_its_values_stored_nowhere(layout):
-    metadata, _ = validate.build_metadata(layout.raw_images, INGEST, "k")
+    metadata, _ = build_metadata(layout.raw_images, INGEST, "k")
     metadata["PatientName"] = "Testperson^Ada"
     labels = validate.build_labels(pd.read_csv(layout.raw_labels), metadata)
     store = validate.gx_store(layout)

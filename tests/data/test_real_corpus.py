@@ -16,7 +16,7 @@ from pipeline_steps.core.config import IngestParams
 from pipeline_steps.core.deid import DEV_PSEUDONYM_KEY
 from pipeline_steps.core.dicom_io import read_image
 from pipeline_steps.core.errors import DataError
-from pipeline_steps.validate import REASONS, build_metadata
+from pipeline_steps.core.screening import REASONS, build_metadata
 
 # The wheel's own files; get_testdata_file is never called because it may try to download.
 CORPUS = Path(pydicom.__file__).parent / "data" / "test_files"

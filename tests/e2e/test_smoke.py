@@ -98,7 +98,7 @@ def test_run_registers_a_version_tagged_with_the_dvc_data_version(trained):
 
 
 def test_no_phi_leaves_ingestion(trained):
-    from pipeline_steps.synth import collect_phi
+    from pipeline_steps.synthetic import collect_phi
 
     ws, run = trained
     phi = {v for v in collect_phi(ws / "data" / "raw" / "images") if len(v) >= 6}

@@ -370,7 +370,7 @@ def set_params(root: Path, override: dict) -> None:
 def synth_to_landing(s3, bucket: str, prefix: str, out: Path, n_images: int, seed: int) -> int:
     """Synthetic radiographs and their RSNA labels, dropped into s3://bucket/prefix/ as a site would."""
     from pipeline_steps.core.config import SynthParams
-    from pipeline_steps.synth import generate_dataset
+    from pipeline_steps.synthetic import generate_dataset
 
     summary = generate_dataset(
         SynthParams(native_size=(512, 512), images_per_patient=(1, 1)),

@@ -39,7 +39,7 @@ def radflow(ws: Path, *args: str, env: dict | None = None, timeout: float = 900)
 def workspace(tmp_path_factory):
     """A trained, registered and promoted version 1, and a folder of inputs to predict."""
     from pipeline_steps.core.config import SynthParams
-    from pipeline_steps.synth import generate_dataset
+    from pipeline_steps.synthetic import generate_dataset
 
     ws = tmp_path_factory.mktemp("pred-ws")
     assert radflow(ws, "init").returncode == 0
@@ -144,7 +144,7 @@ def test_predict_writes_one_record_per_file_and_reports_bad_ones(workspace, pred
 
 
 def test_every_prediction_is_in_the_ledger_without_paths_or_identifiers(workspace, predicted):
-    from pipeline_steps.synth import collect_phi
+    from pipeline_steps.synthetic import collect_phi
 
     rows = _ledger_rows(workspace["ws"])
     by_id = {row["subject"]: row for row in rows}

@@ -23,7 +23,7 @@ from pipeline_steps.core.dicom_io import (
     window_of,
 )
 from pipeline_steps.core.errors import DataError
-from pipeline_steps.validate import build_metadata
+from pipeline_steps.core.screening import build_metadata
 from tests.conftest import FAKE_PHI
 
 INGEST = IngestParams()

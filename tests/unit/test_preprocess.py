@@ -11,10 +11,10 @@ import pytest
 
 from pipeline_steps import preprocess as preprocess_step
 from pipeline_steps import validate as validate_step
+from pipeline_steps.core import parallel
 from pipeline_steps.core.config import IngestParams, PreprocessParams, SplitParams, ValidateParams
 from pipeline_steps.core.dicom_io import read_image
 from pipeline_steps.core.layout import Layout
-from pipeline_steps.core import parallel
 from pipeline_steps.core.parallel import Crash, InlineExecutor, map_resilient
 from pipeline_steps.core.shards import QUANT, load_split, write_shard
 from pipeline_steps.core.transforms import (

@@ -5,12 +5,8 @@ import pytest
 from pipeline_steps.core.config import IngestParams, ValidateParams
 from pipeline_steps.core.deid import DEV_PSEUDONYM_KEY
 from pipeline_steps.core.labels import LABEL_COLUMNS, NO_FINDING
-from pipeline_steps.validate import (
-    METADATA_COLUMNS,
-    build_metadata,
-    label_tables,
-    validate_tables,
-)
+from pipeline_steps.core.screening import METADATA_COLUMNS, build_metadata
+from pipeline_steps.validate import label_tables, validate_tables
 from tests.conftest import FAKE_PHI, build_dicom
 
 INGEST = IngestParams()
