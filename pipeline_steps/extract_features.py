@@ -28,7 +28,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ import pandas as pd
 from scipy import ndimage
 
 from pipeline_steps.core.config import ExtractFeaturesParams
+from pipeline_steps.core.files import write_bytes_atomic
 from pipeline_steps.core.layout import Layout
 from pipeline_steps.core.shards import QUANT, SPLITS, UNLABELLED
 from pipeline_steps.core.transforms import geometry_of
@@ -245,13 +245,6 @@ def feature_params_hash(params: ExtractFeaturesParams) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _parquet(frame: pd.DataFrame, metadata: Mapping[str, str] | None = None) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -308,7 +301,7 @@ class RowCache:
             return
         frame = pd.DataFrame(np.stack(list(self.rows.values())), columns=self.columns)
         frame.insert(0, "cache_key", list(self.rows))
-        _write_atomic(self.path, _parquet(frame))
+        write_bytes_atomic(self.path, _parquet(frame))
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,7 +415,7 @@ def build_features(
     )
     table.insert(0, "split", splits)
     table.insert(0, "image_id", ids)
-    _write_atomic(layout.features, _parquet(table))
+    write_bytes_atomic(layout.features, _parquet(table))
     radiomic.save()
     embeddings = None
     target = embeddings_path(layout)
@@ -440,7 +433,7 @@ def build_features(
         embeddings.insert(0, "split", splits)
         embeddings.insert(0, "image_id", ids)
         meta = {"model_version": embedder.model_version, "run_id": embedder.run_id}
-        _write_atomic(target, _parquet(embeddings, meta | {"layer": embedder.layer}))
+        write_bytes_atomic(target, _parquet(embeddings, meta | {"layer": embedder.layer}))
         log.info(
             "extract_features: embeddings of %d images from %s (layer %s, %d computed) -> %s",
             len(embeddings),

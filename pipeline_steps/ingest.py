@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +13,7 @@ import pandas as pd
 from pipeline_steps.core.config import IngestParams
 from pipeline_steps.core.deid import DEV_PSEUDONYM_KEY
 from pipeline_steps.core.errors import DataError
+from pipeline_steps.core.files import atomic_path, copy_atomic
 from pipeline_steps.core.labels import (
     ALREADY_LABELLED,
     BOX_COLUMNS,
@@ -80,22 +79,9 @@ def image_id_for(sha256: str) -> str:
     return sha256[:24]
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
-    """Copy through a temporary file in the target folder, so a failure never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".incoming-")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_csv_atomic(table: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    table.to_csv(tmp, index=False, float_format="%.2f")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.2f")
 
 
 def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
@@ -197,7 +183,7 @@ def ingest_directory(
         if dst.exists():
             skipped += 1
         else:
-            _copy_atomic(src, dst)
+            copy_atomic(src, dst)
             added += 1
         if progress:
             progress(done, len(sources))

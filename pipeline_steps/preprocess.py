@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ import pandas as pd
 from pipeline_steps.core.config import PreprocessParams, SplitParams
 from pipeline_steps.core.dicom_io import read_image
 from pipeline_steps.core.errors import DataError
+from pipeline_steps.core.files import write_bytes_atomic
 from pipeline_steps.core.labels import NO_FINDING
 from pipeline_steps.core.layout import Layout
 from pipeline_steps.core.parallel import Crash, map_resilient, open_runner
@@ -198,12 +198,6 @@ def decoder_fingerprint() -> str:
     return hashlib.sha256(",".join(versions).encode()).hexdigest()[:12]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 class PixelCache:
     """Per-image results: `<root>/<key[:2]>/<key>.npy`, decode failures as `<key>.<decoders>.fail.json`.
 
@@ -247,10 +241,12 @@ class PixelCache:
         if outcome.pixels is not None:
             buffer = io.BytesIO()
             np.save(buffer, outcome.pixels, allow_pickle=False)
-            _write_atomic(folder / f"{key}.npy", buffer.getvalue())
+            write_bytes_atomic(folder / f"{key}.npy", buffer.getvalue())
         else:
             entry = {"reason": outcome.reason, "message": outcome.message}
-            _write_atomic(folder / f"{key}.{self.decoders}.fail.json", json.dumps(entry).encode())
+            write_bytes_atomic(
+                folder / f"{key}.{self.decoders}.fail.json", json.dumps(entry).encode()
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,10 +492,10 @@ def build_processed(
         "split_balance": split_balance(manifest, params.split),
     }
 
-    _write_atomic(layout.boxes, _parquet(boxes))
-    _write_atomic(layout.processed / "failures.json", json.dumps(failures, indent=2).encode())
-    _write_atomic(layout.processed / "report.json", json.dumps(report, indent=2).encode())
-    _write_atomic(layout.manifest, _parquet(manifest))  # last: it vouches for the shards
+    write_bytes_atomic(layout.boxes, _parquet(boxes))
+    write_bytes_atomic(layout.processed / "failures.json", json.dumps(failures, indent=2).encode())
+    write_bytes_atomic(layout.processed / "report.json", json.dumps(report, indent=2).encode())
+    write_bytes_atomic(layout.manifest, _parquet(manifest))  # last: it vouches for the shards
 
     stats = RunStats(
         images=total,

@@ -19,11 +19,15 @@ def atomic_path(path: Path, keep_suffix: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` when the block exits cleanly.
 
     The temporary name is hidden (leading dot) so folder scans skip it. `keep_suffix` keeps the
-    target's suffix last, for writers that check it (Keras insists on `.keras`)."""
+    target's suffixes last, for writers that check them (Keras insists on `.keras`, `.weights.h5`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    name = f".{path.stem}.{tag}.tmp{path.suffix}" if keep_suffix else f".{path.name}.{tag}.tmp"
+    if keep_suffix:
+        suffix = "".join(path.suffixes)  # all of them: Keras wants `.weights.h5`, not `.h5`
+        name = f".{path.name.removesuffix(suffix)}.{tag}.tmp{suffix}"
+    else:
+        name = f".{path.name}.{tag}.tmp"
     tmp = path.with_name(name)
     try:
         yield tmp
@@ -40,7 +44,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def copy_atomic(src: Path, dst: Path) -> None:

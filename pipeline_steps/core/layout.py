@@ -203,3 +203,22 @@ class Layout:
     @property
     def landing_quarantine_report(self) -> Path:
         return self.reports / "landing_quarantine.csv"
+
+    # stage outputs that flows/ reads (the run decision, MLflow logging, audit traces)
+    @property
+    def report_dir(self) -> Path:
+        """The test stage's one-page HTML report."""
+        return self.reports / "latest"
+
+    @property
+    def drift_dir(self) -> Path:
+        return self.reports / "drift"
+
+    @property
+    def drift_summary(self) -> Path:
+        return self.drift_dir / "drift.json"
+
+    @property
+    def gx_dir(self) -> Path:
+        """The Great Expectations project (its stores) of the validate stage."""
+        return self.root / "gx"

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline_steps.core.files import write_text_atomic
 from pipeline_steps.core.layout import Layout
 
 
@@ -420,7 +421,5 @@ def run(layout: Layout) -> Path:
     )
     out = report_dir(layout) / "index.html"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(".index.html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    write_text_atomic(out, page)
     return out

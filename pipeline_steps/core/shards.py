@@ -4,13 +4,14 @@ and box tables beside them, and a memory-mapped reader of one split for training
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from pipeline_steps.core.files import atomic_path
 
 SPLITS = ("train", "val", "test")
 UNLABELLED = "unlabelled"
@@ -51,17 +52,14 @@ def _npy_header(shape: tuple[int, ...]) -> bytes:
 def write_shard(path: Path, images: Iterable[np.ndarray], count: int, size: int) -> None:
     """Stream `count` (size, size) uint16 images into one .npy, byte-identical to np.save(np.stack(...)),
     holding one image at a time."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    written = 0
-    with tmp.open("wb") as fh:
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
         fh.write(_npy_header((count, size, size)))
+        written = 0
         for image in images:
             fh.write(np.ascontiguousarray(image, dtype=np.uint16).tobytes())
             written += 1
-    if written != count:
-        tmp.unlink()
-        raise ValueError(f"{path.name}: {written} images written, {count} declared")
-    os.replace(tmp, path)
+        if written != count:
+            raise ValueError(f"{path.name}: {written} images written, {count} declared")
 
 
 def shard_bytes(count: int, size: int) -> int:

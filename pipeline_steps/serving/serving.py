@@ -1,7 +1,7 @@
 """The served model's inference path as plain functions: DICOM path or bytes in, boxes in original pixels out.
 
 Pre- and post-processing are the training code's own functions (`dicom_io.read_image`,
-`preprocess.plan_geometry`/`preprocess_image`, `model.predict_boxes`, `Geometry.inverse`), so an image
+`transforms.plan_geometry`/`preprocess_image`, `detector.predict_boxes`, `Geometry.inverse`), so an image
 gives the same tensor here as in its training shard. `pyfunc.py` wraps this for MLflow.
 """
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,6 +38,7 @@ from pydicom.valuerep import DA, TM
 
 from pipeline_steps.core.dicom_io import read_header
 from pipeline_steps.core.errors import DataError
+from pipeline_steps.core.files import atomic_path
 
 BOX_KEYS = ("x_min", "y_min", "x_max", "y_max", "score", "label")
 DEVICE_NAME = "radflow"
@@ -313,7 +313,7 @@ def write_sr(
     instance_number: int = 1,
     manufacturer: str = "radflow",
 ) -> Path:
-    """Write `out_dir/<prediction_id>.dcm` atomically (tmp + os.replace) and return its path.
+    """Write `out_dir/<prediction_id>.dcm` atomically (through core.files.atomic_path) and return its path.
 
     `out_dir` must be the caller's own output folder: the SR holds the source's identifiers.
     Raises DataError naming the source file when it is not readable DICOM.
@@ -333,14 +333,10 @@ def write_sr(
     except DataError as exc:
         raise DataError(f"{source_path.name}: {exc}") from None
     target = out_dir / f"{prediction_id}.dcm"
-    partial = out_dir / f".{prediction_id}.dcm.{os.getpid()}.tmp"
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with _quiet():
+        with atomic_path(target) as partial, _quiet():
             sr.save_as(partial, enforce_file_format=True)
-        os.replace(partial, target)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
         raise DataError(
             f"{out_dir}: cannot write the SR for prediction {prediction_id} "
             f"({type(exc).__name__}); check that the folder is writable and has space"

@@ -288,6 +288,7 @@ def test_monochrome1_and_monochrome2_files_give_identical_predictions(
     from pipeline_steps import preprocess, validate
     from pipeline_steps.core.config import IngestParams, PreprocessParams, ValidateParams
     from pipeline_steps.core.layout import Layout
+    from pipeline_steps.core.shards import load_split
     from pipeline_steps.ingest import NO_FINDING
 
     # 256 px at 0.35 mm is 64 px at the 1.4 mm working spacing: the detector's size.
@@ -318,7 +319,7 @@ def test_monochrome1_and_monochrome2_files_give_identical_predictions(
     preprocess.run(layout, PreprocessParams(input_size=S, target_spacing_mm=1.4, workers=1))
     tensors: dict[str, np.ndarray] = {}
     for split in ("train", "val", "test"):
-        part = preprocess.load_split(layout.processed, split)
+        part = load_split(layout.processed, split)
         for record, (image, _) in zip(
             part.manifest.to_dict("records"), part.examples(), strict=True
         ):

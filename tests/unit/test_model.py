@@ -7,6 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline_steps.core.augment import (
+    LesionPaste,
+    RandomCrop,
+    RandomHorizontalFlip,
+    RandomScaleShift,
+    build_lesion_bank,
+    lesion_residual,
+)
 from pipeline_steps.core.config import TestParams, TrainParams
 from pipeline_steps.core.detector import (
     HEATMAP_PRIOR,
@@ -21,17 +29,7 @@ from pipeline_steps.core.detector import (
     pack_targets,
     predict_outputs,
 )
-from pipeline_steps.train import (
-    LesionPaste,
-    RandomCrop,
-    RandomHorizontalFlip,
-    RandomScaleShift,
-    build_lesion_bank,
-    lesion_residual,
-    make_train_dataset,
-    samples_per_epoch,
-    shuffled,
-)
+from pipeline_steps.train import make_train_dataset, samples_per_epoch, shuffled
 
 S = 64
 N_CELLS = S // STRIDE
