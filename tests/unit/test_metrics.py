@@ -42,35 +42,6 @@ def pred(x0: float, y0: float, x1: float, y1: float, score: float) -> list[float
     return [x0, y0, x1, y1, score]
 
 
-# --------------------------------------------------------------------------------------------------
-# box_iou
-
-
-def test_box_iou_known_boxes() -> None:
-    a = np.array([[0, 0, 10, 10], [0, 0, 10, 10]], dtype=float)
-    b = np.array(
-        [
-            [5, 5, 15, 15],  # overlap 25, union 175
-            [0, 0, 10, 10],  # identical
-            [0, 0, 5, 10],  # contained, half the area
-            [10, 0, 20, 10],  # touching edge: no overlap
-            [30, 30, 40, 40],  # disjoint
-        ],
-        dtype=float,
-    )
-    iou = box_iou(a, b)
-    assert iou.shape == (2, 5)
-    np.testing.assert_allclose(iou[0], [1 / 7, 1.0, 0.5, 0.0, 0.0])
-    np.testing.assert_allclose(box_iou(b, a), iou.T)
-
-
-def test_box_iou_empty_and_degenerate() -> None:
-    assert box_iou(NO_GT, np.array([[0, 0, 1, 1]])).shape == (0, 1)
-    assert box_iou(np.array([[0, 0, 1, 1]]), []).shape == (1, 0)
-    # Two zero-area boxes at the same place: 0, not nan.
-    assert box_iou([[1, 1, 1, 1]], [[1, 1, 1, 1]])[0, 0] == 0.0
-
-
 def test_inputs_are_validated() -> None:
     with pytest.raises(ValueError, match="aligned by image"):
         average_precision([NO_PREDS], [], 0.5)
