@@ -328,13 +328,9 @@ def _images(layout: Layout, manifest: pd.DataFrame) -> Iterator[tuple[dict[str, 
     for split in (*SPLITS, UNLABELLED):
         part = manifest[manifest["split"] == split]
         for shard, members in part.groupby("shard", sort=True):
-            data = np.load(layout.processed / "shards" / str(shard), mmap_mode="r")
+            data = np.load(layout.shards / str(shard), mmap_mode="r")
             for row in members.sort_values("index").to_dict("records"):
                 yield row, np.asarray(data[int(row["index"])], dtype=np.float32) / QUANT
-
-
-def embeddings_path(layout: Layout) -> Path:
-    return layout.features.parent / "embeddings.parquet"
 
 
 def read_embeddings_version(path: Path) -> str:
@@ -358,7 +354,7 @@ def build_features(
     from pipeline_steps.core import drift
 
     manifest = pd.read_parquet(layout.manifest)
-    cache_root = cache_dir or layout.state / "cache" / "features"
+    cache_root = cache_dir or layout.features_cache
     keyed = "cache_key" in manifest.columns  # older manifests: no cache, everything is computed
     radiomic = RowCache(cache_root / "radiomic", feature_params_hash(params))
     embedding_cache = RowCache(cache_root / "embeddings", embedder.cache_id) if embedder else None
@@ -418,7 +414,7 @@ def build_features(
     write_bytes_atomic(layout.features, _parquet(table))
     radiomic.save()
     embeddings = None
-    target = embeddings_path(layout)
+    target = layout.embeddings
     filled = [v for v in vectors if v is not None]
     if len(filled) != len(vectors) and not embedder_failed:
         embedder_failed = "some images got no embedding"  # cannot happen: every batch is flushed

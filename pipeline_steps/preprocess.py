@@ -355,7 +355,7 @@ def build_processed(
         for p, i in zip(metadata["patient_pseudonym"], metadata["image_id"], strict=True)
     ]
     cache = PixelCache(
-        cache_dir or layout.state / "cache" / "preprocess",
+        cache_dir or layout.preprocess_cache,
         decoder_fingerprint(),
     )
 
@@ -444,7 +444,7 @@ def build_processed(
                 )
 
     previous = _previous_shards(layout)
-    shards_dir = layout.processed / "shards"
+    shards_dir = layout.shards
     shards_dir.mkdir(parents=True, exist_ok=True)
     # The old manifest describes the old shards; it goes before any shard changes, so an
     # interrupted run can never leave a manifest that vouches for a shard it does not describe.
@@ -493,8 +493,8 @@ def build_processed(
     }
 
     write_bytes_atomic(layout.boxes, _parquet(boxes))
-    write_bytes_atomic(layout.processed / "failures.json", json.dumps(failures, indent=2).encode())
-    write_bytes_atomic(layout.processed / "report.json", json.dumps(report, indent=2).encode())
+    write_bytes_atomic(layout.preprocess_failures, json.dumps(failures, indent=2).encode())
+    write_bytes_atomic(layout.preprocess_report, json.dumps(report, indent=2).encode())
     write_bytes_atomic(layout.manifest, _parquet(manifest))  # last: it vouches for the shards
 
     stats = RunStats(

@@ -47,19 +47,6 @@ FloatArray = NDArray[np.float64]
 GRID_POSITIVES, GRID_NEGATIVES = 8, 4
 
 
-def details_path(layout: Layout) -> Path:
-    """Tables behind the report that do not fit metrics.json's flat floats."""
-    return layout.reports / "test_details.json"
-
-
-def baseline_predictions_path(layout: Layout) -> Path:
-    return layout.reports / "baseline_predictions.parquet"
-
-
-def grid_path(layout: Layout) -> Path:
-    return layout.plots / "test_grid.png"
-
-
 def _finite_or_none(value: object) -> object:
     if isinstance(value, float) and not np.isfinite(value):
         return None
@@ -259,20 +246,20 @@ def run(
     )
     if baseline is not None:
         pd.DataFrame(_prediction_rows(image_ids, baseline), columns=columns).to_parquet(
-            baseline_predictions_path(layout), index=False
+            layout.baseline_predictions, index=False
         )
     layout.metrics.write_text(json.dumps(_finite_or_none(metrics), indent=2, sort_keys=True))
-    details_path(layout).write_text(json.dumps(_finite_or_none(details), indent=2))
+    layout.test_details.write_text(json.dumps(_finite_or_none(details), indent=2))
 
     others = {"classical baseline": baseline} if baseline is not None else {}
     deep_curve = froc(deep, gts)
     other_curves = {k: froc(v, gts) for k, v in others.items()}
-    _write_froc_csv(deep_curve, layout.plots / "froc_deep.csv")
+    _write_froc_csv(deep_curve, layout.froc_deep_csv)
     for curve in other_curves.values():
-        _write_froc_csv(curve, layout.plots / "froc_baseline.csv")
-    plot_froc(deep_curve, layout.plots / "froc.png", others=other_curves, label="deep model")
-    plot_pr(deep, gts, layout.plots / "pr.png", others=others, label="deep model")
-    plot_calibration(calibration_curve(deep, gts), layout.plots / "calibration.png")
+        _write_froc_csv(curve, layout.froc_baseline_csv)
+    plot_froc(deep_curve, layout.froc_plot, others=other_curves, label="deep model")
+    plot_pr(deep, gts, layout.pr_plot, others=others, label="deep model")
+    plot_calibration(calibration_curve(deep, gts), layout.calibration_plot)
 
     # The grid shows each detector at its own 1 FP/image operating point on this test split.
     position = {image_id: k for k, image_id in enumerate(image_ids)}
@@ -287,7 +274,7 @@ def run(
             name: [boxes[k][boxes[k][:, 4] >= threshold] for k in shown]
             for name, (boxes, threshold) in cut.items()
         },
-        grid_path(layout),
+        layout.test_grid,
         titles=[f"{i[:10]} ({len(gts[position[i]])} lesions)" for i in grid_ids],
     )
     return metrics

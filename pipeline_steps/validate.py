@@ -519,7 +519,7 @@ def validate_tables(
 def gx_store(layout: Layout) -> GxStore:
     """The workspace's GX context (`<workspace>/gx`, beside, not under, the DVC-tracked data) and
     Data Docs (`reports/data_docs`)."""
-    return GxStore(project=layout.root, data_docs=layout.reports / "data_docs")
+    return GxStore(project=layout.root, data_docs=layout.data_docs)
 
 
 def run(

@@ -237,17 +237,17 @@ def write_report(
     report: DriftReport,
     reference: pd.DataFrame,
     current: pd.DataFrame,
-    out_dir: Path,
+    layout: Layout,
     embeddings: dict[str, object] | None = None,
 ) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    layout.drift_dir.mkdir(parents=True, exist_ok=True)
     document = report.to_json() | ({"embeddings": embeddings} if embeddings else {})
-    (out_dir / "drift.json").write_text(json.dumps(document, indent=2))
+    layout.drift_report.write_text(json.dumps(document, indent=2))
     page = render_html(report, reference, current)
     if embeddings:
         note = html.escape(json.dumps(embeddings))
         page = page.replace("</body>", f"<p>CNN embeddings: <code>{note}</code></p></body>")
-    (out_dir / "drift.html").write_text(page)
+    layout.drift_page.write_text(page)
 
 
 def embedding_drift(
@@ -295,14 +295,13 @@ def run(
     Without a configured reference the report says so (the stage's outputs always exist).
     `embeddings` (with its `model_version` column) is compared with the `embeddings.parquet` next
     to the reference, when that one was made by the same model version."""
-    out_dir = layout.reports / "drift"
     if not params.reference:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        layout.drift_dir.mkdir(parents=True, exist_ok=True)
         note = "no reference configured (extract_features.drift.reference)"
-        (out_dir / "drift.json").write_text(
+        layout.drift_report.write_text(
             json.dumps({"status": "no_reference", "drift": False, "note": note}, indent=2)
         )
-        (out_dir / "drift.html").write_text(
+        layout.drift_page.write_text(
             f"<!doctype html><html><body><p>Feature drift: {note}.</p></body></html>\n"
         )
         log.info("extract_features: %s; drift not assessed", note)
@@ -334,7 +333,7 @@ def run(
     section = embedding_drift(
         ref_embeddings, ref_version, embeddings if version else None, version, params
     )
-    write_report(report, reference, current, out_dir, section)
+    write_report(report, reference, current, layout, section)
     log.log(
         logging.WARNING if report.drift else logging.INFO,
         "extract_features: drift %s (%d of %d features flagged: %s)",

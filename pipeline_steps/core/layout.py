@@ -52,8 +52,25 @@ class Layout:
         return self.processed / "boxes.parquet"
 
     @property
+    def shards(self) -> Path:
+        return self.processed / "shards"
+
+    @property
+    def preprocess_report(self) -> Path:
+        return self.processed / "report.json"
+
+    @property
+    def preprocess_failures(self) -> Path:
+        return self.processed / "failures.json"
+
+    @property
     def features(self) -> Path:
         return self.root / "data" / "features" / "features.parquet"
+
+    # Follows the registry's champion, which DVC cannot see: written beside features, not tracked.
+    @property
+    def embeddings(self) -> Path:
+        return self.features.parent / "embeddings.parquet"
 
     # model and evaluation
     @property
@@ -85,8 +102,70 @@ class Layout:
         return self.reports / "test_predictions.parquet"
 
     @property
+    def baseline_predictions(self) -> Path:
+        return self.reports / "baseline_predictions.parquet"
+
+    @property
+    def test_details(self) -> Path:
+        """Tables behind the report that do not fit metrics.json's flat floats."""
+        return self.reports / "test_details.json"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.reports / "latest"
+
+    @property
+    def report_page(self) -> Path:
+        return self.report_dir / "index.html"
+
+    @property
+    def data_docs(self) -> Path:
+        return self.reports / "data_docs"
+
+    @property
+    def drift_dir(self) -> Path:
+        return self.reports / "drift"
+
+    @property
+    def drift_report(self) -> Path:
+        return self.drift_dir / "drift.json"
+
+    @property
+    def drift_page(self) -> Path:
+        return self.drift_dir / "drift.html"
+
+    @property
     def plots(self) -> Path:
         return self.reports / "plots"
+
+    # The plots (names also listed under `plots:` in dvc.yaml).
+    @property
+    def froc_plot(self) -> Path:
+        return self.plots / "froc.png"
+
+    @property
+    def pr_plot(self) -> Path:
+        return self.plots / "pr.png"
+
+    @property
+    def calibration_plot(self) -> Path:
+        return self.plots / "calibration.png"
+
+    @property
+    def training_plot(self) -> Path:
+        return self.plots / "training.png"
+
+    @property
+    def test_grid(self) -> Path:
+        return self.plots / "test_grid.png"
+
+    @property
+    def froc_deep_csv(self) -> Path:
+        return self.plots / "froc_deep.csv"
+
+    @property
+    def froc_baseline_csv(self) -> Path:
+        return self.plots / "froc_baseline.csv"
 
     @property
     def registration(self) -> Path:
@@ -100,6 +179,14 @@ class Layout:
     @property
     def checkpoints(self) -> Path:
         return self.state / "checkpoints"
+
+    @property
+    def preprocess_cache(self) -> Path:
+        return self.state / "cache" / "preprocess"
+
+    @property
+    def features_cache(self) -> Path:
+        return self.state / "cache" / "features"
 
     @property
     def mlflow_db(self) -> Path:
@@ -205,19 +292,6 @@ class Layout:
         return self.reports / "landing_quarantine.csv"
 
     # stage outputs that flows/ reads (the run decision, MLflow logging, audit traces)
-    @property
-    def report_dir(self) -> Path:
-        """The test stage's one-page HTML report."""
-        return self.reports / "latest"
-
-    @property
-    def drift_dir(self) -> Path:
-        return self.reports / "drift"
-
-    @property
-    def drift_summary(self) -> Path:
-        return self.drift_dir / "drift.json"
-
     @property
     def gx_dir(self) -> Path:
         """The Great Expectations project (its stores) of the validate stage."""

@@ -377,10 +377,6 @@ def plot_training_curves(history: Mapping[str, Sequence[float]], path: Path) -> 
     return path
 
 
-def report_dir(layout: Layout) -> Path:
-    return layout.reports / "latest"
-
-
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -395,19 +391,20 @@ def _data_version(layout: Layout) -> str:
 
 
 def run(layout: Layout) -> Path:
-    """Stage `test` edge (after evaluate.run): write reports/latest/index.html."""
-    from pipeline_steps.test import details_path
-
+    """Stage `test` edge (after the metrics): write reports/latest/index.html."""
     metrics = _read_json(layout.metrics) or {}
-    details = _read_json(details_path(layout)) or {}
+    details = _read_json(layout.test_details) or {}
     history = _read_json(layout.train_history)
     if history and history.get("history"):
-        plot_training_curves(history["history"], layout.plots / "training.png")
-    images = {
-        name: (layout.plots / name).read_bytes()
-        for name in [name for name, _ in PLOTS] + [GRID_PLOT]
-        if (layout.plots / name).is_file()
-    }
+        plot_training_curves(history["history"], layout.training_plot)
+    plots = (
+        layout.froc_plot,
+        layout.pr_plot,
+        layout.calibration_plot,
+        layout.training_plot,
+        layout.test_grid,
+    )
+    images = {path.name: path.read_bytes() for path in plots if path.is_file()}
     page = render_report(
         ReportInputs(
             metrics=metrics,
@@ -419,7 +416,5 @@ def run(layout: Layout) -> Path:
             generated_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         )
     )
-    out = report_dir(layout) / "index.html"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, page)
-    return out
+    write_text_atomic(layout.report_page, page)
+    return layout.report_page

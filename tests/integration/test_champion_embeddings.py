@@ -57,7 +57,7 @@ def test_embeddings_come_from_the_version_in_production_and_only_from_it(tmp_pat
     assert champion is None and "'production'" in why  # registered, not promoted
 
     stages.extract_features(layout, params)  # no champion: no embeddings, no failure
-    assert layout.features.is_file() and not features.embeddings_path(layout).exists()
+    assert layout.features.is_file() and not layout.embeddings.exists()
 
     with registry.governance(layout, params) as (reg, ledger):
         registry.promote(reg, ledger, version, "production", actor="t", reason="t", force=True)
@@ -65,7 +65,7 @@ def test_embeddings_come_from_the_version_in_production_and_only_from_it(tmp_pat
     assert champion is not None and why == "" and champion.version == version
 
     stages.extract_features(layout, params)
-    stored = pd.read_parquet(features.embeddings_path(layout))
+    stored = pd.read_parquet(layout.embeddings)
     assert set(stored["model_version"]) == {f"{name}/{version}"}
     # the vectors are the registered model's: the detector file the version was made from
     local = keras.models.load_model(layout.model, compile=False)
@@ -76,19 +76,18 @@ def test_embeddings_come_from_the_version_in_production_and_only_from_it(tmp_pat
 
 def test_an_unreachable_tracking_server_costs_only_the_embeddings(tmp_path, monkeypatch, caplog):
     from flows import stages
-    from pipeline_steps import extract_features as features
 
     monkeypatch.delenv("RADFLOW_LEDGER_URL", raising=False)
     layout, params = build_workspace(tmp_path / "ws", n_images=2)
     _shards(layout, params.preprocess.input_size, n=2)
-    features.embeddings_path(layout).parent.mkdir(parents=True, exist_ok=True)
-    features.embeddings_path(layout).write_text("stale")
+    layout.embeddings.parent.mkdir(parents=True, exist_ok=True)
+    layout.embeddings.write_text("stale")
     # a closed port on loopback: connection refused, with the retries bounded
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     with caplog.at_level("INFO"):
         table = stages.extract_features(layout, params)
     assert len(table) == 2 and layout.features.is_file()
-    assert not features.embeddings_path(layout).exists()
+    assert not layout.embeddings.exists()
     assert (
         "no CNN embeddings: the champion could not be loaded from MLflow at http://127.0.0.1:9"
         in caplog.text

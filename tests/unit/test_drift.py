@@ -96,11 +96,12 @@ def test_compare_ignores_missing_values():
 def test_report_is_written_as_json_and_an_html_table_with_plots(tmp_path):
     ref, cur = _tables(shift=0.05)
     report = compare(ref, cur, DriftParams())
-    write_report(report, ref, cur, tmp_path)
-    saved = json.loads((tmp_path / "drift.json").read_text())
+    layout = Layout(tmp_path)
+    write_report(report, ref, cur, layout)
+    saved = json.loads((tmp_path / "reports" / "drift" / "drift.json").read_text())
     assert saved["drift"] is True and saved["flagged"] == ["mean"]
     assert [f["flagged"] for f in saved["features"]] == [True, False]
-    page = (tmp_path / "drift.html").read_text()
+    page = layout.drift_page.read_text()
     assert "Drift: YES" in page and page.count("data:image/png;base64,") == 2
     assert page.index(">mean<") < page.index(">noise<")  # flagged features first
 

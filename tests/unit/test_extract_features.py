@@ -199,7 +199,7 @@ def test_stage_writes_embeddings_with_their_model_version_and_drops_them_without
     params = ExtractFeaturesParams()
     embed = features_step.build_embedder(_detector(0, size=128), 128, model_version="det/3")
     result = features_step.build_features(layout, params, embedder=embed)
-    path = features_step.embeddings_path(layout)
+    path = layout.embeddings
     stored = pd.read_parquet(path)
     assert list(stored["image_id"]) == list(result.table["image_id"])
     assert set(stored["model_version"]) == {"det/3"}
@@ -230,7 +230,7 @@ def test_a_model_that_cannot_embed_costs_the_embeddings_not_the_stage(tmp_path, 
     broken = features_step.Embedder(refuses, "det/4", "", "x")
     result = features_step.build_features(layout, ExtractFeaturesParams(), embedder=broken)
     assert result.embeddings is None and len(result.table) == 6
-    assert not features_step.embeddings_path(layout).exists()
+    assert not layout.embeddings.exists()
     assert "det/4 could not embed the images (ValueError: bad input)" in caplog.text
 
 

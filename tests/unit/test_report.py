@@ -18,7 +18,6 @@ from pipeline_steps.core.report import (
     run,
     training_minutes,
 )
-from pipeline_steps.test import details_path
 
 # A 1x1 PNG: enough to check embedding without matplotlib.
 PNG = base64.b64decode(
@@ -137,7 +136,7 @@ def test_run_writes_one_self_contained_page(tmp_path: Path) -> None:
     for name in ("froc.png", "pr.png", "calibration.png", "test_grid.png"):
         (layout.plots / name).write_bytes(PNG)
     layout.metrics.write_text(json.dumps(_metrics()))
-    details_path(layout).write_text(json.dumps(_details()))
+    layout.test_details.write_text(json.dumps(_details()))
     layout.train_history.write_text(
         json.dumps({"history": {"loss": [3.0, 2.0], "val_loss": [3.2, 2.5], "val_ap": [0.1, 0.3]}})
     )
