@@ -73,8 +73,10 @@ def ensure_workspace(ws: Path, synth: Path, ids: list[str]) -> Path:
 
     from pipeline_steps import validate
     from pipeline_steps.core.config import IngestParams, ValidateParams
+    from pipeline_steps.core.deid import image_id_for
+    from pipeline_steps.core.files import file_sha256
+    from pipeline_steps.core.labels import NO_FINDING
     from pipeline_steps.core.layout import Layout
-    from pipeline_steps.ingest import NO_FINDING, file_sha256, image_id_for
 
     layout = Layout(ws)
     stamp = ws / "ids.json"

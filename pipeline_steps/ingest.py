@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,27 +18,13 @@ from pipeline_steps.core.labels import (
     BOX_COLUMNS,
     ISSUE_COLUMNS,
     LABEL_COLUMNS,
-    NO_FINDING,
     ORPHAN,
     READER_COLUMNS,
-    RSNA_COLUMNS,
-    RSNA_LABEL,
     LabelImport,
     import_labels,
     resolve_format,
 )
 from pipeline_steps.core.screening import build_metadata
-
-__all__ = [  # the label vocabulary is re-exported: other stages import it from here
-    "LABEL_COLUMNS",
-    "NO_FINDING",
-    "RSNA_COLUMNS",
-    "RSNA_LABEL",
-    "IngestSummary",
-    "file_sha256",
-    "image_id_for",
-    "ingest_directory",
-]
 
 READERS_FILE = "labels_readers.csv"
 ISSUES_FILE = "label_issues.csv"
@@ -64,19 +49,6 @@ class IngestSummary:
     @property
     def labels_without_image(self) -> int:
         return self.label_issues.get(ORPHAN, 0)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def image_id_for(sha256: str) -> str:
-    """Raw files are renamed to their content hash, so no source file name (which may carry PHI) survives."""
-    return sha256[:24]
 
 
 def _write_csv_atomic(table: pd.DataFrame, path: Path) -> None:

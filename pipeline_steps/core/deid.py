@@ -53,3 +53,8 @@ def pseudonym_key() -> str:
         )
         return DEV_PSEUDONYM_KEY
     return key
+
+
+def image_id_for(sha256: str) -> str:
+    """Raw files are renamed to their content hash, so no source file name (which may carry PHI) survives."""
+    return sha256[:24]

@@ -6,6 +6,7 @@ when writing succeeded; on any failure the temporary file is removed and the tar
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
@@ -50,3 +51,11 @@ def write_text_atomic(path: Path, text: str) -> None:
 def copy_atomic(src: Path, dst: Path) -> None:
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

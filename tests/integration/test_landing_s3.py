@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from flows import landing, nightly, versioning, workspace
-from pipeline_steps.ingest import image_id_for
+from pipeline_steps.core.deid import image_id_for
 from pipeline_steps.landing import LandingError
 from tests.conftest import build_dicom
 
@@ -31,7 +31,7 @@ def make_workspace(root: Path, **nightly_params: object):
     raw = yaml.safe_load(params_file.read_text())
     raw["nightly"] |= {"landing": f"s3://{BUCKET}/{PREFIX}", **FAST_RETRIES, **nightly_params}
     params_file.write_text(yaml.safe_dump(raw))
-    return layout, workspace.load(layout)
+    return workspace.open_workspace(layout.root)
 
 
 def dicom_bytes(tmp: Path, i: int) -> bytes:
@@ -97,7 +97,7 @@ def test_only_unseen_objects_are_taken_and_non_dicom_is_quarantined(
         image_id_for(sha(studies[0])),
         image_id_for(sha(studies[1])),
     }
-    quarantine = pd.read_csv(landing.quarantine_report(layout))
+    quarantine = pd.read_csv(layout.landing_quarantine_report)
     assert list(quarantine["object"]) == [f"s3://{BUCKET}/{day1}/notes.txt"]
     assert list(quarantine["reason"]) == ["not_dicom"]
     kept = layout.state / "landing" / "quarantine" / quarantine["sha256"][0]
@@ -137,7 +137,7 @@ def test_an_outage_is_retried_then_fails_with_nothing_kept(moto, flaky_s3, tmp_p
     assert flaky_s3.connections >= params.nightly.download_attempts  # boto3 retried
     assert not (layout.state / "landing" / "incoming").exists()
     assert not layout.raw.exists() and not layout.raw_dvc.exists()
-    assert not landing.seen_index(layout).exists()
+    assert not layout.landing_seen.exists()
 
     # A blip shorter than the retries passes unnoticed.
     flaky_s3.up()
@@ -169,7 +169,7 @@ def test_an_outage_mid_batch_leaves_nothing_half_written(
     assert len(downloads) == 2
     assert not (layout.state / "landing" / "incoming").exists()
     assert list(layout.state.rglob(".part-*")) == []
-    assert not layout.raw.exists() and not landing.seen_index(layout).exists()
+    assert not layout.raw.exists() and not layout.landing_seen.exists()
 
     flaky_s3.up()
     monkeypatch.setattr(nightly.landing, "download", real)

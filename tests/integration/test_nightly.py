@@ -66,7 +66,7 @@ def night(tmp_path_factory):
 
 
 def summaries(layout) -> list[dict]:
-    return [json.loads(line) for line in nightly.run_log(layout).read_text().splitlines()]
+    return [json.loads(line) for line in layout.nightly_log.read_text().splitlines()]
 
 
 def tracking(layout) -> str:
@@ -146,7 +146,7 @@ def test_the_decision_sees_params_code_and_drift(night, monkeypatch):
     from flows import workspace
 
     layout, _, _ = night
-    params = workspace.load(layout)
+    _, params = workspace.open_workspace(layout.root)
     assert decision.check(layout, params).up_to_date
 
     changed = params.model_copy(update={"train": params.train.model_copy(update={"seed": 8})})
@@ -233,7 +233,7 @@ def test_an_s3_outage_fails_the_night_notifies_and_keeps_nothing(
     monkeypatch.setenv(nightly.WEBHOOK_ENV, webhook.url)
     raw_before = sorted(p.name for p in layout.raw_images.iterdir())
     dvc_before = layout.raw_dvc.read_text()
-    seen_before = landing.seen_index(layout).read_text()
+    seen_before = layout.landing_seen.read_text()
 
     with pytest.raises(landing.LandingError, match="failed after retries"):
         nightly.nightly_retraining(str(layout.root))
@@ -245,7 +245,7 @@ def test_an_s3_outage_fails_the_night_notifies_and_keeps_nothing(
     assert "radflow nightly FAILED" in webhook.received[0]["text"]
     assert sorted(p.name for p in layout.raw_images.iterdir()) == raw_before
     assert layout.raw_dvc.read_text() == dvc_before
-    assert landing.seen_index(layout).read_text() == seen_before
+    assert layout.landing_seen.read_text() == seen_before
     assert not (layout.state / "landing" / "incoming").exists()
     assert registered_versions(tracking(layout)) == ["1"]
 

@@ -86,7 +86,7 @@ def build_workspace(root: Path, n_images: int = 8):
     layout = workspace.init(root)
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(_merge(yaml.safe_load(params_file.read_text()), TINY)))
-    params = workspace.load(layout)
+    _, params = workspace.open_workspace(layout.root)
 
     rng = np.random.default_rng(0)
     layout.raw_images.mkdir(parents=True)
@@ -339,10 +339,10 @@ def test_params_hash_ignores_the_gate_policy():
 
 
 def test_the_first_version_passes_its_gate_to_staging(fresh):
-    from flows import registry
+    from flows.gate import run_gate
 
     layout, params, reg = fresh
-    outcome = registry.run_gate(layout, params, "1", data_version="d1", run_id="r1")
+    outcome = run_gate(layout, params, "1", data_version="d1", run_id="r1")
     assert outcome.result.passed and outcome.production_version is None
     assert outcome.stages == ("staging",)
     assert reg.aliases() == {"staging": "1"}
@@ -363,13 +363,13 @@ def test_the_first_version_passes_its_gate_to_staging(fresh):
 
 
 def test_a_tie_with_production_fails_the_gate_and_stays_candidate(fresh):
-    from flows import registry
+    from flows.gate import run_gate
 
     layout, params, reg = fresh
-    registry.run_gate(layout, params, "1")
+    run_gate(layout, params, "1")
     code, _, err = cli(layout, "promote", "1", "--to", "production", "--reason", "first")
     assert code == 0, err
-    outcome = registry.run_gate(layout, params, "2")
+    outcome = run_gate(layout, params, "2")
     result = outcome.result
     assert outcome.production_version == "1"
     assert not result.passed and outcome.stages == ()
@@ -380,14 +380,14 @@ def test_a_tie_with_production_fails_the_gate_and_stays_candidate(fresh):
 
 
 def test_an_absolute_threshold_fails_the_gate(fresh):
-    from flows import registry
+    from flows.gate import run_gate
     from pipeline_steps.core.config import GateParams, RegisterParams
 
     layout, params, reg = fresh
     strict = params.model_copy(
         update={"register_": RegisterParams(gate=GateParams(thresholds={"ap50": 0.99}))}
     )
-    outcome = registry.run_gate(layout, strict, "3")
+    outcome = run_gate(layout, strict, "3")
     assert not outcome.result.passed and "ap50" in outcome.result.reason
     assert reg.aliases() == {"candidate": "3"}
 
@@ -396,7 +396,7 @@ def test_a_production_model_the_gate_cannot_score_fails_the_gate_cleanly(fresh):
     import keras
     import mlflow
 
-    from flows import registry
+    from flows.gate import run_gate
 
     layout, params, reg = fresh
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
@@ -409,7 +409,7 @@ def test_a_production_model_the_gate_cannot_score_fails_the_gate_cleanly(fresh):
         )
     old = str(info.registered_model_version)
     reg.client.set_registered_model_alias(MODEL, "production", old)
-    outcome = registry.run_gate(layout, params, "1")
+    outcome = run_gate(layout, params, "1")
     assert not outcome.result.passed and "does not take DICOM input" in outcome.result.reason
     assert outcome.production_version == old
     assert reg.aliases() == {"production": old, "candidate": "1"}
@@ -422,11 +422,11 @@ def test_a_production_model_the_gate_cannot_score_fails_the_gate_cleanly(fresh):
 
 
 def test_promote_force_rollback_and_history_at(fresh):
-    from flows import registry
+    from flows.gate import run_gate
 
     layout, params, reg = fresh
     t0 = datetime.now(UTC)
-    registry.run_gate(layout, params, "1")
+    run_gate(layout, params, "1")
     code, out, err = cli(
         layout, "promote", "1", "--to", "production", "--reason", "first", "--actor", "ada"
     )
@@ -434,7 +434,7 @@ def test_promote_force_rollback_and_history_at(fresh):
     assert "version 1: staging -> production" in out
     t1 = datetime.now(UTC)
 
-    registry.run_gate(layout, params, "2")  # a tie: fails, stays candidate
+    run_gate(layout, params, "2")  # a tie: fails, stays candidate
     before = reg.aliases()
     code, _, err = cli(layout, "promote", "2", "--to", "production", "--reason", "try")
     assert code == 2 and "failed its gate" in err and "--force" in err
@@ -499,10 +499,10 @@ def test_promote_force_rollback_and_history_at(fresh):
 
 
 def test_a_manual_promotion_needs_validated_data(fresh):
-    from flows import registry
+    from flows.gate import run_gate
 
     layout, params, reg = fresh
-    registry.run_gate(layout, params, "1")
+    run_gate(layout, params, "1")
     reg.client.set_model_version_tag(MODEL, "1", "validation_passed", "false")
     try:
         code, _, err = cli(layout, "promote", "1", "--to", "production", "--reason", "x")
@@ -579,13 +579,14 @@ class FlakyClient:
 
 def test_a_registry_failure_mid_transition_is_undone(fresh):
     from flows import registry
+    from flows.gate import run_gate
     from pipeline_steps.core.errors import TrackingError
 
     layout, params, reg = fresh
-    registry.run_gate(layout, params, "1")
+    run_gate(layout, params, "1")
     code, _, _ = cli(layout, "promote", "1", "--to", "production", "--reason", "first")
     assert code == 0
-    registry.run_gate(layout, params, "2")
+    run_gate(layout, params, "2")
     before, tags_before = reg.aliases(), reg.version("1").tags
     with ledger_of(layout) as ledger:
         rows_before = len(ledger.entries())
@@ -691,11 +692,11 @@ def test_two_racing_promotions_one_wins_one_fails_cleanly(fresh, ledger_backend)
 def test_tampering_in_sql_is_caught(fresh, ledger_backend):
     import sqlalchemy as sa
 
-    from flows import registry
+    from flows.gate import run_gate
     from pipeline_steps.governance.ledger import TABLE_NAME, Ledger
 
     layout, params, _ = fresh
-    registry.run_gate(layout, params, "1")
+    run_gate(layout, params, "1")
     with Ledger(ledger_backend) as ledger:
         assert ledger.verify().ok and len(ledger.entries()) == 3
         with ledger._engine.connect() as conn:

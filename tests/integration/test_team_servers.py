@@ -123,13 +123,14 @@ def test_a_model_registers_and_promotes_through_mlflow_on_postgresql_with_s3_art
     import mlflow
 
     from flows import registry, stages
+    from flows.gate import run_gate
 
     layout, params = registry_ws
     registered = stages.register(layout, params)
     assert registered.model_version == "1"
     assert psql(team["mlflow_db"], "select count(*) from model_versions") == "1"  # on PostgreSQL
 
-    outcome = registry.run_gate(layout, params, "1", run_id=registered.run_id)
+    outcome = run_gate(layout, params, "1", run_id=registered.run_id)
     assert outcome.result.passed and outcome.stages == ("staging",)
     reg = registry.open_registry(layout, params.register_.model_name)
     assert reg.aliases() == {"staging": "1"}
@@ -197,7 +198,7 @@ def _api(team, method: str, path: str, body: dict | None = None):
 
 
 def _summary(layout, flow_run_id: str) -> dict:
-    for line in nightly.run_log(layout).read_text().splitlines():
+    for line in layout.nightly_log.read_text().splitlines():
         if flow_run_id in line:
             return json.loads(line)
     raise AssertionError(f"no summary line for flow run {flow_run_id}")
@@ -370,7 +371,7 @@ def test_an_mlflow_outage_mid_run_fails_the_night_and_moves_no_alias(
     from flows import registry, workspace
 
     layout, _, _ = deployed
-    params = workspace.load(layout)
+    _, params = workspace.open_workspace(layout.root)
     reg = registry.open_registry(layout, TEAM_MODEL)
     aliases = reg.aliases()
     versions = registered_versions(team["mlflow_uri"], TEAM_MODEL)
@@ -405,7 +406,7 @@ def test_an_mlflow_outage_mid_run_fails_the_night_and_moves_no_alias(
         if not team["mlflow"].running:
             team["mlflow"].start()  # same port, same PostgreSQL database
 
-    failed = json.loads(nightly.run_log(layout).read_text().splitlines()[-1])
+    failed = json.loads(layout.nightly_log.read_text().splitlines()[-1])
     assert failed["status"] == "failed" and failed["forced"] is True
     assert [w["flow_run_id"] for w in webhook.received] == [failed["flow_run_id"]]
     assert registry.open_registry(layout, TEAM_MODEL).aliases() == aliases

@@ -287,9 +287,9 @@ def test_monochrome1_and_monochrome2_files_give_identical_predictions(
 
     from pipeline_steps import preprocess, validate
     from pipeline_steps.core.config import IngestParams, PreprocessParams, ValidateParams
+    from pipeline_steps.core.labels import NO_FINDING
     from pipeline_steps.core.layout import Layout
     from pipeline_steps.core.shards import load_split
-    from pipeline_steps.ingest import NO_FINDING
 
     # 256 px at 0.35 mm is 64 px at the 1.4 mm working spacing: the detector's size.
     native = 4

@@ -2,15 +2,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline_steps.core.deid import image_id_for
 from pipeline_steps.core.errors import DataError
-from pipeline_steps.ingest import (
-    ISSUES_FILE,
-    NO_FINDING,
-    READERS_FILE,
-    file_sha256,
-    image_id_for,
-    ingest_directory,
-)
+from pipeline_steps.core.files import file_sha256
+from pipeline_steps.core.labels import NO_FINDING
+from pipeline_steps.ingest import ISSUES_FILE, READERS_FILE, ingest_directory
 
 VINDR = ["image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max"]
 

@@ -10,7 +10,8 @@ import pydicom
 import pytest
 
 from pipeline_steps.core.config import IngestParams, PreprocessParams, TestParams, TrainParams
-from pipeline_steps.ingest import file_sha256, image_id_for
+from pipeline_steps.core.deid import image_id_for
+from pipeline_steps.core.files import file_sha256
 from pipeline_steps.serving.prediction import (
     RECORD_KEYS,
     InputRejected,

@@ -14,6 +14,7 @@ from pipeline_steps import validate as validate_step
 from pipeline_steps.core import parallel
 from pipeline_steps.core.config import IngestParams, PreprocessParams, SplitParams, ValidateParams
 from pipeline_steps.core.dicom_io import read_image
+from pipeline_steps.core.labels import NO_FINDING
 from pipeline_steps.core.layout import Layout
 from pipeline_steps.core.parallel import Crash, InlineExecutor, map_resilient
 from pipeline_steps.core.shards import QUANT, load_split, write_shard
@@ -23,7 +24,6 @@ from pipeline_steps.core.transforms import (
     preprocess_image,
     transform_boxes,
 )
-from pipeline_steps.ingest import NO_FINDING
 from pipeline_steps.preprocess import assign_split, build_processed, split_balance
 
 
