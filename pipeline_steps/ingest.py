@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline_steps.core.config import IngestParams
-from pipeline_steps.core.deid import DEV_PSEUDONYM_KEY
+from pipeline_steps.core.deid import DEV_PSEUDONYM_KEY, image_id_for
 from pipeline_steps.core.errors import DataError
-from pipeline_steps.core.files import atomic_path, copy_atomic
+from pipeline_steps.core.files import atomic_path, copy_atomic, file_sha256
 from pipeline_steps.core.labels import (
     ALREADY_LABELLED,
     BOX_COLUMNS,
