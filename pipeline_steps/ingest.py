@@ -24,10 +24,8 @@ from pipeline_steps.core.labels import (
     import_labels,
     resolve_format,
 )
+from pipeline_steps.core.layout import Layout
 from pipeline_steps.core.screening import build_metadata
-
-READERS_FILE = "labels_readers.csv"
-ISSUES_FILE = "label_issues.csv"
 
 
 @dataclass(frozen=True)
@@ -116,14 +114,14 @@ def _read_labels_file(labels_file: Path) -> pd.DataFrame:
 def ingest_directory(
     dicom_dir: Path,
     labels_file: Path | None,
-    raw_dir: Path,
+    layout: Layout,
     replace: bool = False,
     progress: Callable[[int, int], None] | None = None,
     *,
     params: IngestParams | None = None,
     label_format: str = "auto",
 ) -> IngestSummary:
-    """Copy every file into `raw_dir/images/<content id>.dcm`, scan the headers, and merge the labels.
+    """Copy every file into `data/raw/images/<content id>.dcm`, scan the headers, and merge the labels.
 
     Every file is archived, whatever the scan says: rejected files are kept, never modified, and
     counted by reason. Labels are converted to the canonical table (`labels.csv`; VinDr-CXR's
@@ -139,9 +137,9 @@ def ingest_directory(
     table = _read_labels_file(labels_file) if labels_file is not None else None
     if table is not None:  # a wrong label file fails before anything is copied
         label_format = resolve_format(list(table.columns), label_format)
-    images_dir = raw_dir / "images"
-    if replace and raw_dir.exists():
-        shutil.rmtree(raw_dir)
+    images_dir = layout.raw_images
+    if replace and layout.raw.exists():
+        shutil.rmtree(layout.raw)
     images_dir.mkdir(parents=True, exist_ok=True)
 
     stem_ids: dict[str, set[str]] = {}
@@ -172,7 +170,7 @@ def ingest_directory(
         if image_id in reason_of:
             quarantined[reason_of[image_id]] = quarantined.get(reason_of[image_id], 0) + 1
 
-    labels_path = raw_dir / "labels.csv"
+    labels_path = layout.raw_labels
     existing = _read_csv(labels_path, LABEL_COLUMNS)
     imported = LabelImport(
         "",
@@ -187,7 +185,7 @@ def ingest_directory(
 
     reader_rows = 0
     if len(imported.readers):
-        readers_path = raw_dir / READERS_FILE
+        readers_path = layout.raw_readers
         old_readers = _read_csv(readers_path, READER_COLUMNS)
         new_readers = imported.readers[
             ~imported.readers["image_id"].isin(set(existing["image_id"]))
@@ -204,7 +202,7 @@ def ingest_directory(
     issues_file = None
     if len(issues):
         assert labels_file is not None
-        issues_file = raw_dir / ISSUES_FILE
+        issues_file = layout.raw_label_issues
         issues.insert(0, "labels_sha256", file_sha256(labels_file)[:16])
         previous = _read_csv(issues_file, ISSUE_COLUMNS).astype({"source_row": "Int64"})
         all_issues = pd.concat(

@@ -24,6 +24,16 @@ class Layout:
         return self.raw / "labels.csv"
 
     @property
+    def raw_readers(self) -> Path:
+        """VinDr-CXR's per-reader boxes, before fusion."""
+        return self.raw / "labels_readers.csv"
+
+    @property
+    def raw_label_issues(self) -> Path:
+        """Label rows that could not be used, with the reason."""
+        return self.raw / "label_issues.csv"
+
+    @property
     def raw_dvc(self) -> Path:
         return self.root / "data" / "raw.dvc"
 

@@ -40,7 +40,7 @@ def synthetic(tmp_path_factory) -> Path:
 @pytest.fixture
 def layout(tmp_path, synthetic) -> Layout:
     layout = Layout(tmp_path / "ws")
-    ingest_directory(synthetic / "images", synthetic / "labels.csv", layout.raw)
+    ingest_directory(synthetic / "images", synthetic / "labels.csv", layout)
     return layout
 
 
