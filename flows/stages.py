@@ -1,44 +1,63 @@
-"""Each stage called with its own params section: shared by the Prefect flow and `radflow step` (dvc repro)."""
+"""The pipeline's stages as one table: name -> the function that runs it with its own params section.
+
+The Prefect flow (flows/pipeline.py) wraps each entry as a task and `radflow step NAME` (what
+`dvc repro` calls) runs it bare, so both run the same code. Each entry also names the step module
+in pipeline_steps and the other modules its wiring calls (the MLflow and registry edges, the test
+report): the code a stage depends on, which tests/unit/test_architecture.py checks against the
+stage's `deps` in dvc.yaml.
+
+Step modules are imported inside the functions: TensorFlow alone takes seconds to import, and
+`radflow step validate` should not pay for it."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
-from flows import tracking, versioning, workspace
+from flows import tracking, versioning
 from pipeline_steps.core.config import Params
+from pipeline_steps.core.errors import DataError
 from pipeline_steps.core.layout import Layout
 
 log = logging.getLogger("radflow")
 
-STAGES = ("validate", "preprocess", "extract_features", "train", "test", "register", "gate")
+Progress = Callable[[int, int], None]
 
 
-def open_workspace(root: Path) -> tuple[Layout, Params]:
-    layout = workspace.resolve(root)
-    return layout, workspace.load(layout)
+def validate(layout: Layout, params: Params, progress: Progress | None = None) -> Any:
+    from pipeline_steps import validate as step
+
+    return step.run(
+        layout, params.ingest, params.validate_, data_version=versioning.data_version(layout)
+    )
 
 
-def extract_features(
-    layout: Layout, params: Params, progress: Callable[[int, int], None] | None = None
-) -> object:
+def preprocess(layout: Layout, params: Params, progress: Progress | None = None) -> Any:
+    from pipeline_steps import preprocess as step
+
+    return step.run(layout, params.preprocess, progress)
+
+
+def extract_features(layout: Layout, params: Params, progress: Progress | None = None) -> Any:
     """Radiomic features, plus embeddings from the champion's backbone when MLflow has one.
 
     Without a champion (none yet, or MLflow unreachable) the stage still succeeds, without
     embeddings, and the log says why."""
-    from pipeline_steps import extract_features as features
+    from pipeline_steps import extract_features as step
 
     if not params.extract_features.embeddings:
         log.info("extract_features: no CNN embeddings (extract_features.embeddings is false)")
-        return features.run(layout, params.extract_features, progress)
+        return step.run(layout, params.extract_features, progress)
     champion, why = tracking.load_champion(layout, params.register_.model_name)
     embedder = None
     if champion is None:
         log.info("extract_features: no CNN embeddings: %s", why)
     else:
         try:
-            embedder = features.build_embedder(
+            embedder = step.build_embedder(
                 champion.model,
                 params.preprocess.input_size,
                 model_version=f"{champion.model_name}/{champion.version}",
@@ -51,22 +70,22 @@ def extract_features(
                 champion.version,
                 exc,
             )
-    return features.run(layout, params.extract_features, progress, embedder=embedder)
+    return step.run(layout, params.extract_features, progress, embedder=embedder)
 
 
-def train(layout: Layout, params: Params) -> dict[str, object]:
-    from pipeline_steps import train as train_step
+def train(layout: Layout, params: Params, progress: Progress | None = None) -> dict[str, object]:
+    from pipeline_steps import train as step
 
     # The training core logs each epoch itself; no second callback is needed here.
-    result = train_step.run(layout, params.train, params.test, params.preprocess.input_size)
+    result = step.run(layout, params.train, params.test, params.preprocess.input_size)
     return {"epochs_run": result.epochs_run, "resumed_from_epoch": result.resumed_from_epoch}
 
 
-def test(layout: Layout, params: Params) -> dict[str, float]:
-    from pipeline_steps import test as evaluate
+def test(layout: Layout, params: Params, progress: Progress | None = None) -> dict[str, float]:
+    from pipeline_steps import test as step
     from pipeline_steps.core import report
 
-    metrics = evaluate.run(
+    metrics = step.run(
         layout,
         params.test,
         params.preprocess.input_size,
@@ -76,27 +95,26 @@ def test(layout: Layout, params: Params) -> dict[str, float]:
     return metrics
 
 
-def register(layout: Layout, params: Params) -> tracking.Registered:
+def register(
+    layout: Layout, params: Params, progress: Progress | None = None
+) -> tracking.Registered:
     from pipeline_steps.register import build_registration, read_lineage, read_results
 
     metrics, history = read_results(layout)
-    lineage = read_lineage(layout, versioning.data_version(layout), tracking.data_git_rev(layout))
-    registration = build_registration(params, lineage, workspace.code_version(), metrics, history)
+    lineage = read_lineage(layout, versioning.data_version(layout), versioning.data_git_rev(layout))
+    registration = build_registration(params, lineage, versioning.code_version(), metrics, history)
     return tracking.log_and_register(layout, registration, layout.model)
 
 
-def gate(layout: Layout, params: Params) -> dict[str, object]:
+def gate(layout: Layout, params: Params, progress: Progress | None = None) -> dict[str, object]:
     """The version just registered (reports/registration.json) becomes the candidate and faces
     production; reports/gate.json holds the decision, the ledger its record."""
-    import json
-
-    from flows import registry
-    from pipeline_steps.core.errors import DataError
+    from flows.gate import run_gate
 
     if not layout.registration.exists():
         raise DataError(f"{layout.registration}: missing. Run the `register` stage first.")
     registered = json.loads(layout.registration.read_text())
-    outcome = registry.run_gate(
+    outcome = run_gate(
         layout,
         params,
         str(registered["model_version"]),
@@ -112,26 +130,47 @@ def gate(layout: Layout, params: Params) -> dict[str, object]:
     return outcome.as_dict()
 
 
-def run_stage(
-    name: str, layout: Layout, params: Params, progress: Callable[[int, int], None] | None
-) -> object:
-    """One stage by name, as `dvc repro` runs it (no Prefect)."""
-    from pipeline_steps import preprocess, validate
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[Layout, Params, Progress | None], Any]
+    module: str  # the step module in pipeline_steps (named as the stage, but for `test`'s report)
+    calls: tuple[str, ...] = ()  # modules the wiring above calls besides the step module
+    retries: int = 0
+    retry_delay_s: tuple[float, ...] = ()
 
-    if name == "validate":
-        return validate.run(
-            layout, params.ingest, params.validate_, data_version=versioning.data_version(layout)
-        )
-    if name == "preprocess":
-        return preprocess.run(layout, params.preprocess, progress)
-    if name == "extract_features":
-        return extract_features(layout, params, progress)
-    if name == "train":
-        return train(layout, params)
-    if name == "test":
-        return test(layout, params)
-    if name == "register":
-        return register(layout, params)
-    if name == "gate":
-        return gate(layout, params)
-    raise ValueError(f"unknown stage {name!r}; expected one of {STAGES}")
+
+# In pipeline order. Stages read and write workspace files (the contract of dvc.yaml), so whether
+# a stage needs to run is DVC's and the run decision's call, not Prefect's result cache.
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("validate", validate, "pipeline_steps.validate", ("flows.versioning",)),
+        Stage("preprocess", preprocess, "pipeline_steps.preprocess"),
+        Stage(
+            "extract_features",
+            extract_features,
+            "pipeline_steps.extract_features",
+            ("flows.tracking",),
+        ),
+        Stage("train", train, "pipeline_steps.train"),
+        Stage("test", test, "pipeline_steps.test", ("pipeline_steps.core.report",)),
+        Stage(
+            "register",
+            register,
+            "pipeline_steps.register",
+            ("flows.tracking", "flows.versioning"),
+            retries=2,
+            retry_delay_s=(5, 20),
+        ),
+        # Moves already made are skipped on a re-run, so a retry after a registry hiccup is safe.
+        Stage("gate", gate, "pipeline_steps.gate", ("flows.gate",), retries=1, retry_delay_s=(10,)),
+    )
+}
+
+
+def run_stage(name: str, layout: Layout, params: Params, progress: Progress | None) -> object:
+    """One stage by name, as `dvc repro` runs it (no Prefect)."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGES)}")
+    return STAGES[name].run(layout, params, progress)

@@ -14,9 +14,7 @@ import pandas as pd
 
 from pipeline_steps.core.config import IngestParams, ValidateParams
 from pipeline_steps.core.deid import pseudonym_key
-from pipeline_steps.core.dicom_io import (
-    GRAYSCALE,
-)
+from pipeline_steps.core.dicom_tags import GRAYSCALE
 from pipeline_steps.core.errors import DataError, ValidationFailed
 from pipeline_steps.core.labels import LABEL_COLUMNS, NO_FINDING
 from pipeline_steps.core.layout import Layout

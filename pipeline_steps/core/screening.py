@@ -16,17 +16,15 @@ from pydicom.uid import UID
 
 from pipeline_steps.core.config import IngestParams
 from pipeline_steps.core.deid import age_in_years, pseudonym
-from pipeline_steps.core.dicom_io import (
+from pipeline_steps.core.dicom_io import Header, UnreadableDicom, scan_header
+from pipeline_steps.core.dicom_tags import (
     GRAYSCALE,
-    Header,
     HeaderValueError,
-    UnreadableDicom,
     int_tag,
     missing_decoder,
     modality_lut_of,
     rescale_problem,
     resolve_spacing,
-    scan_header,
     text_tag,
     values_unvalidated,
     voi_source,

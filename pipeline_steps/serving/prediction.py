@@ -19,8 +19,9 @@ import numpy as np
 
 from pipeline_steps.core.config import IngestParams
 from pipeline_steps.core.deid import image_id_for, pseudonym
-from pipeline_steps.core.dicom_io import DicomImage, HeaderValueError, UnreadableDicom, scan_header
+from pipeline_steps.core.dicom_io import DicomImage, UnreadableDicom, scan_header
 from pipeline_steps.core.dicom_io import read_image as read_dicom_image
+from pipeline_steps.core.dicom_tags import HeaderValueError
 from pipeline_steps.core.errors import DataError
 from pipeline_steps.core.files import file_sha256
 from pipeline_steps.serving.serving import ServingConfig, box_records, detect

@@ -13,12 +13,11 @@ from pydicom.sequence import Sequence
 
 from pipeline_steps.core.config import IngestParams
 from pipeline_steps.core.deid import DEV_PSEUDONYM_KEY
-from pipeline_steps.core.dicom_io import (
+from pipeline_steps.core.dicom_io import read_image, scan_header
+from pipeline_steps.core.dicom_tags import (
     HeaderValueError,
     missing_decoder,
-    read_image,
     resolve_spacing,
-    scan_header,
     text_tag,
     window_of,
 )
@@ -390,7 +389,7 @@ def _float64_rescale(raw: np.ndarray, slope: float, intercept: float) -> np.ndar
     [(1.0, 0.0), (1.0, -1024.0), (-1.0, 0.0), (2.0, -5.0), (255.0, 3.0), (0.5, 0.25), (1.0, 0.3)],
 )
 def test_float32_rescale_is_bit_identical_to_float64_arithmetic(dtype, slope, intercept):
-    from pipeline_steps.core.dicom_io import rescale
+    from pipeline_steps.core.dicom_tags import rescale
 
     info = np.iinfo(dtype)
     if np.dtype(dtype).itemsize <= 2:
@@ -406,7 +405,7 @@ def test_float32_rescale_is_bit_identical_to_float64_arithmetic(dtype, slope, in
 
 
 def test_read_image_fast_path_equals_the_float64_path_on_files(tmp_path, make_dicom):
-    from pipeline_steps.core.dicom_io import pixel_hash
+    from pipeline_steps.core.dicom_tags import pixel_hash
 
     rng = np.random.default_rng(3)
     stored = rng.integers(0, 4096, size=(64, 48), dtype=np.uint16)
