@@ -200,7 +200,7 @@ def serve(
     """Load the stage's version, then serve until interrupted (uvicorn, one process)."""
     import uvicorn
 
-    from flows import workspace
+    from flows import versioning
     from pipeline_steps.core.deid import pseudonym_key
     from pipeline_steps.governance.ledger import open_ledger
 
@@ -223,7 +223,7 @@ def serve(
             ledger,
             stage=stage,
             poll_s=poll_s,
-            code_version=workspace.code_version(),
+            code_version=versioning.code_version(),
             key=pseudonym_key(),
         )
         uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

@@ -11,17 +11,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-import yaml
-
 from flows.registry import stages_at
-from flows.tracking import MANIFEST_ARTIFACT, public_uri, tracking_uri
+from flows.tracking import MANIFEST_ARTIFACT, mlflow_client, public_uri, tracking_uri
+from flows.versioning import data_version_at, dvc_cache_has
 from pipeline_steps.core.config import Params
 from pipeline_steps.core.errors import DataError, TrackingError
 from pipeline_steps.core.layout import Layout
@@ -68,33 +66,11 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _git(root: Path, *args: str) -> str | None:
-    done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
-    return done.stdout if done.returncode == 0 else None
-
-
-def data_version_at(layout: Layout, rev: str) -> str | None:
-    """The DVC md5 recorded in `data/raw.dvc` at git revision `rev` of the workspace."""
-    rel = layout.raw_dvc.relative_to(layout.root).as_posix()
-    text = _git(layout.root, "show", f"{rev}:{rel}") if rev and rev != "uncommitted" else None
-    if text is None:
-        return None
-    outs = (yaml.safe_load(text) or {}).get("outs") or [{}]
-    return str(outs[0].get("md5", "")) or None
-
-
-def dvc_cache_has(layout: Layout, md5: str) -> bool:
-    """Whether the workspace's DVC cache holds the directory listing of data version `md5`."""
-    if len(md5) < 3:
-        return False
-    return (layout.root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).is_file()
-
-
 def gx_results(layout: Layout, result_id: str) -> dict[str, dict[str, Any]]:
     """The GX validation results stored under run `result_id` (`<run name>/<run time>`), per suite."""
     import great_expectations as gx
 
-    if not result_id or not (layout.root / "gx").is_dir():
+    if not result_id or not layout.gx_dir.is_dir():
         return {}
     run_name, _, run_time = result_id.partition("/")
     context = gx.get_context(mode="file", project_root_dir=str(layout.root))
@@ -147,8 +123,6 @@ def trace(layout: Layout, params: Params, prediction_id: str) -> dict[str, Any]:
     """The chain behind one prediction, each link resolved and checked (see `checks`)."""
     import os
 
-    from mlflow.tracking import MlflowClient
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     entry, chain = find_prediction(layout, prediction_id)
     record = entry.payload
@@ -159,7 +133,7 @@ def trace(layout: Layout, params: Params, prediction_id: str) -> dict[str, Any]:
     stages_then = sorted(stage for stage, s in held.items() if str(s["version"]) == version)
 
     uri = tracking_uri(layout)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = mlflow_client(uri)
     try:
         mv = client.get_model_version(name, version)
         run = client.get_run(mv.run_id)

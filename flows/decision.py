@@ -19,7 +19,6 @@ from pipeline_steps.core.config import Params
 from pipeline_steps.core.errors import TrackingError
 from pipeline_steps.core.layout import Layout
 
-LAST_RUN = "last_run.json"
 CODE_GLOBS = ("pipeline_steps/**/*.py", "flows/**/*.py", "pyproject.toml")
 # Names the code outright (e.g. an image tag or digest in a container deployment) instead of git and
 # the source files. Also what keeps a shared checkout that others are editing from looking changed.
@@ -143,25 +142,25 @@ def code_hash(root: Path) -> str:
 
 
 def fingerprint(layout: Layout, params: Params) -> Fingerprint:
-    from flows import tracking, versioning, workspace
+    from flows import tracking, versioning
     from pipeline_steps.register import params_hash
 
     pinned = os.environ.get(CODE_VERSION_ENV, "").strip()
     return Fingerprint(
         data_version=versioning.data_version(layout),
         params_hash=params_hash(params),
-        code_version=pinned or workspace.code_version(),
+        code_version=pinned or versioning.code_version(),
         code_hash=(
             hashlib.sha256(pinned.encode()).hexdigest()[:16]
             if pinned
-            else code_hash(workspace.source_root())
+            else code_hash(versioning.source_root())
         ),
         tracking_uri=tracking.tracking_uri(layout),
     )
 
 
 def read_drift(layout: Layout) -> Drift:
-    path = layout.reports / "drift" / "drift.json"
+    path = layout.drift_report
     if not path.exists():
         return Drift("missing", False)
     report = json.loads(path.read_text())
@@ -172,12 +171,8 @@ def read_drift(layout: Layout) -> Drift:
     )
 
 
-def last_run_file(layout: Layout) -> Path:
-    return layout.state / LAST_RUN
-
-
 def read_last_run(layout: Layout) -> LastRun | None:
-    path = last_run_file(layout)
+    path = layout.last_run
     if not path.exists():
         return None
     try:
@@ -200,7 +195,7 @@ def record_success(
         metrics=metrics,
         finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-    path = last_run_file(layout)
+    path = layout.last_run
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(asdict(last), indent=2))
@@ -215,7 +210,7 @@ def from_registry(layout: Layout, params: Params, fp: Fingerprint) -> LastRun | 
         return None
     if fp.tracking_uri == f"sqlite:///{layout.mlflow_db}" and not layout.mlflow_db.exists():
         return None  # do not create an empty store just to find nothing in it
-    from mlflow.tracking import MlflowClient
+    from flows.tracking import mlflow_client
 
     name = params.register_.model_name
     query = (
@@ -223,7 +218,7 @@ def from_registry(layout: Layout, params: Params, fp: Fingerprint) -> LastRun | 
         f"and tags.params_hash='{fp.params_hash}' and tags.code_version='{fp.code_version}'"
     )
     try:
-        client = MlflowClient(tracking_uri=fp.tracking_uri, registry_uri=fp.tracking_uri)
+        client = mlflow_client(fp.tracking_uri)
         found = client.search_model_versions(query)
         if not found:
             return None

@@ -44,7 +44,6 @@ from pipeline_steps.landing import (
 
 log = logging.getLogger("radflow")
 
-QUARANTINE_REPORT = "landing_quarantine.csv"
 QUARANTINE_COLUMNS = ("synced_at", "object", "etag", "sha256", "reason")
 
 
@@ -80,20 +79,8 @@ class Batch:
         }
 
 
-def _landing_dir(layout: Layout) -> Path:
-    return layout.state / "landing"
-
-
-def seen_index(layout: Layout) -> Path:
-    return _landing_dir(layout) / "seen.json"
-
-
-def quarantine_report(layout: Layout) -> Path:
-    return layout.reports / QUARANTINE_REPORT
-
-
 def load_seen(layout: Layout) -> dict[str, Seen]:
-    path = seen_index(layout)
+    path = layout.landing_seen
     return read_seen(path.read_text(), str(path)) if path.exists() else {}
 
 
@@ -153,7 +140,7 @@ def download(client: Any, bucket: str, obj: LandingObject, dst: Path, attempts: 
 
 
 def _archived(layout: Layout, sha256: str) -> bool:
-    from pipeline_steps.ingest import image_id_for
+    from pipeline_steps.core.deid import image_id_for
 
     return (layout.raw_images / f"{image_id_for(sha256)}.dcm").exists()
 
@@ -168,7 +155,7 @@ def sync(layout: Layout, params: NightlyParams) -> Batch:
     from s3transfer.exceptions import RetriesExceededError
 
     bucket, prefix = parse_location(params.landing)
-    staging = _landing_dir(layout) / "incoming"
+    staging = layout.landing_incoming
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     batch = Batch(params.landing, bucket, staging)
@@ -179,7 +166,8 @@ def sync(layout: Layout, params: NightlyParams) -> Batch:
         todo, batch.unchanged = plan_downloads(list_objects(client, bucket, prefix), seen, bucket)
         for obj in todo:
             labels = is_label_file(obj.key)
-            dst = staging / ("labels" if labels else "images") / local_name(obj.key, prefix)
+            folder = layout.landing_labels if labels else layout.landing_images
+            dst = folder / local_name(obj.key, prefix)
             landed = Landed(
                 obj.key,
                 obj.etag,
@@ -192,7 +180,7 @@ def sync(layout: Layout, params: NightlyParams) -> Batch:
                 continue
             reason = quarantine_reason(dst, labels)
             if reason is not None:
-                held = staging / "held" / landed.sha256
+                held = layout.landing_held / landed.sha256
                 held.parent.mkdir(exist_ok=True)
                 os.replace(dst, held)
                 batch.quarantined.append(replace(landed, path=held, reason=reason))
@@ -221,10 +209,10 @@ def commit(layout: Layout, batch: Batch) -> None:
     folder. Called once the batch's data version exists."""
     when = datetime.now(UTC).isoformat(timespec="seconds")
     seen = load_seen(layout)
-    kept = _landing_dir(layout) / "quarantine"
+    kept = layout.landing_quarantine
     if batch.quarantined:
         kept.mkdir(parents=True, exist_ok=True)
-        report = quarantine_report(layout)
+        report = layout.landing_quarantine_report
         report.parent.mkdir(parents=True, exist_ok=True)
         new_file = not report.exists()
         with report.open("a", newline="") as fh:
@@ -242,7 +230,7 @@ def commit(layout: Layout, batch: Batch) -> None:
     ):
         for item in items:
             seen[object_id(batch.bucket, item.key)] = Seen(item.etag, item.sha256, status, when)
-    path = seen_index(layout)
+    path = layout.landing_seen
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(dump_seen(seen))
@@ -267,7 +255,7 @@ def ingest_batch(layout: Layout, params: Params, batch: Batch) -> Ingested:
     from pipeline_steps.ingest import IngestSummary, ingest_directory
 
     if not batch.images:
-        held = batch.staging / "held"
+        held = layout.landing_held
         held.mkdir(exist_ok=True)
         for lab in batch.labels:
             os.replace(lab.path, held / lab.sha256)
@@ -277,11 +265,11 @@ def ingest_batch(layout: Layout, params: Params, batch: Batch) -> Ingested:
         batch.labels = []
         commit(layout, batch)
         return Ingested(None, 0, 0, {}, 0)
-    images_dir = batch.staging / "images"
+    images_dir = layout.landing_images
     summaries: list[IngestSummary] = [
-        ingest_directory(images_dir, lab.path, layout.raw, params=params.ingest)
+        ingest_directory(images_dir, lab.path, layout, params=params.ingest)
         for lab in batch.labels
-    ] or [ingest_directory(images_dir, None, layout.raw, params=params.ingest)]
+    ] or [ingest_directory(images_dir, None, layout, params=params.ingest)]
     version = versioning.record_raw(layout)
     commit(layout, batch)
     first = summaries[0]

@@ -25,7 +25,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows import decision, landing, versioning, workspace
+from flows import decision, landing, retraining, versioning, workspace
 from pipeline_steps.core.config import NightlyParams, Params
 from pipeline_steps.core.errors import RadflowError, WorkspaceError
 from pipeline_steps.core.layout import Layout
@@ -34,7 +34,6 @@ log = logging.getLogger("radflow")
 
 FLOW_NAME = "nightly_retraining"
 DEPLOYMENT_NAME = "radflow-nightly"
-RUN_LOG = "nightly.jsonl"
 ARTIFACT_KEY = "radflow-nightly"
 WEBHOOK_ENV = "RADFLOW_WEBHOOK_URL"
 # Acquiring a Prefect concurrency slot is a server round trip; a zero timeout fails even when free.
@@ -56,15 +55,11 @@ def on_server() -> bool:
     return bool(PREFECT_API_URL.value())
 
 
-def lock_file(layout: Layout) -> Path:
-    return layout.state / "nightly.lock"
-
-
 @contextmanager
 def workspace_lock(layout: Layout, wait_s: float) -> Iterator[None]:
     """flock on `.radflow/nightly.lock`: released by the kernel if the holder dies, so a killed run
     never leaves a stale lock behind."""
-    path = lock_file(layout)
+    path = layout.nightly_lock
     path.parent.mkdir(parents=True, exist_ok=True)
     fh = path.open("a+")
     deadline = time.monotonic() + wait_s
@@ -141,7 +136,8 @@ def exclusive(layout: Layout, params: NightlyParams) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The run summary: a JSON line in reports/nightly.jsonl, a Prefect markdown artifact, a failure hook
+# The run summary: a JSON line in reports/nightly.jsonl (Layout.nightly_log), a Prefect markdown
+# artifact, a failure hook
 
 
 def _now() -> str:
@@ -171,12 +167,8 @@ class RunSummary:
         return asdict(self)
 
 
-def run_log(layout: Layout) -> Path:
-    return layout.reports / RUN_LOG
-
-
 def append_summary(layout: Layout, summary: RunSummary) -> None:
-    path = run_log(layout)
+    path = layout.nightly_log
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(summary.as_dict(), sort_keys=True) + "\n"
     # One write of one line in append mode: concurrent writers never interleave within a line.
@@ -266,7 +258,7 @@ def _finish(layout: Layout, summary: RunSummary, started: float) -> None:
 
 def push_data(layout: Layout) -> str:
     """`dvc push` of the current data version to the default DVC remote, once per version."""
-    state_file = layout.state / "nightly_state.json"
+    state_file = layout.nightly_state
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     version = versioning.data_version(layout)
     if state.get("pushed_data_version") == version:
@@ -293,14 +285,6 @@ def ingest(layout: Layout, params: Params, batch: landing.Batch) -> landing.Inge
         raise
 
 
-def record(
-    layout: Layout, fp: decision.Fingerprint, registered: dict[str, Any]
-) -> decision.LastRun:
-    versioning.commit_stages(layout)
-    metrics = json.loads(layout.metrics.read_text())
-    return decision.record_success(layout, fp, registered, metrics)
-
-
 def _backoff(params: NightlyParams) -> list[float]:
     return [params.retry_delay_s * 2**i for i in range(params.retries)]
 
@@ -312,14 +296,13 @@ push_task = task(name="push_data", cache_policy=NO_CACHE)(push_data)
 decide_task = task(name="decide", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 20])(
     decision.check
 )
-record_task = task(name="record_run", cache_policy=NO_CACHE)(record)
+record_task = task(name="record_run", cache_policy=NO_CACHE)(retraining.record_run)
 
 
 def _crashed(flow: Any, flow_run: Any, state: Any) -> None:
     """Prefect calls this when the run's process dies under it (SIGTERM, lost infrastructure)."""
     try:
-        layout = workspace.resolve(Path(flow_run.parameters["workspace"]))
-        params = workspace.load(layout)
+        layout, params = workspace.open_workspace(Path(flow_run.parameters["workspace"]))
         summary = RunSummary(
             str(layout.root),
             str(flow_run.id),
@@ -340,8 +323,7 @@ def nightly_retraining(workspace: str, force: bool = False) -> dict[str, Any]:
     from prefect.runtime import flow_run
 
     started = time.monotonic()
-    layout = _resolve(workspace)
-    params = _load(layout)
+    layout, params = _open(workspace)
     run = RunSummary(str(layout.root), str(flow_run.id or ""), _now(), force)
     try:
         with exclusive(layout, params.nightly):
@@ -359,12 +341,9 @@ def nightly_retraining(workspace: str, force: bool = False) -> dict[str, Any]:
     return run.as_dict()
 
 
-def _resolve(workspace_dir: str) -> Layout:
-    return workspace.resolve(Path(workspace_dir))
-
-
-def _load(layout: Layout) -> Params:
-    return workspace.load(layout)
+def _open(workspace_dir: str) -> tuple[Layout, Params]:
+    # The flow's parameter is named `workspace` (the deployment's), which hides the module there.
+    return workspace.open_workspace(Path(workspace_dir))
 
 
 def _steps(layout: Layout, params: Params, run: RunSummary) -> None:
@@ -383,31 +362,25 @@ def _steps(layout: Layout, params: Params, run: RunSummary) -> None:
     run.dvc_push = push_task.with_options(
         retries=nightly.retries, retry_delay_seconds=_backoff(nightly)
     )(layout)
-    verdict = decide_task(layout, params, run.forced)
-    run.reason = verdict.reason
-    if verdict.up_to_date:
-        assert verdict.last is not None
-        run.status, run.model_version, run.run_id = (
-            "skipped",
-            verdict.last.model_version,
-            verdict.last.run_id,
-        )
-        logger.info("up to date: model version %s (%s)", run.model_version, verdict.reason)
-        return
-    logger.info("retraining: %s", verdict.reason)
-    from flows.pipeline import training_pipeline
 
-    registered = training_pipeline(str(layout.root))
-    record_task(layout, verdict.fingerprint, registered)
+    def stale(verdict: decision.Decision) -> None:
+        run.reason = verdict.reason
+        logger.info("retraining: %s", verdict.reason)
+
+    outcome = retraining.retrain_if_stale(
+        layout, params, run.forced, check=decide_task, record=record_task, on_stale=stale
+    )
+    run.reason = outcome.decision.reason
+    if not outcome.trained:
+        last = outcome.decision.last
+        assert last is not None
+        run.status, run.model_version, run.run_id = "skipped", last.model_version, last.run_id
+        logger.info("up to date: model version %s (%s)", run.model_version, run.reason)
+        return
+    assert outcome.registered is not None
     run.status, run.model_version, run.run_id = (
         "trained",
-        str(registered["model_version"]),
-        str(registered["run_id"]),
+        str(outcome.registered["model_version"]),
+        str(outcome.registered["run_id"]),
     )
-    gate_file = layout.reports / "gate.json"
-    if gate_file.exists():
-        gate = json.loads(gate_file.read_text())
-        if str(gate.get("version")) == run.model_version:
-            run.gate = {
-                k: gate.get(k) for k in ("passed", "reason", "stages", "production_version")
-            }
+    run.gate = outcome.gate

@@ -22,9 +22,10 @@ from typing import IO, Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows import stages
 from flows.registry import open_registry
-from flows.tracking import public_uri, tracking_uri
+from flows.tracking import load_pyfunc, public_uri, tracking_uri
+from flows.versioning import code_version
+from flows.workspace import open_workspace
 from pipeline_steps.core.config import Params
 from pipeline_steps.core.errors import DataError, TrackingError
 from pipeline_steps.core.layout import Layout
@@ -90,13 +91,10 @@ def load_model(
     layout: Layout, params: Params, *, stage: str | None = None, version: str | None = None
 ) -> LoadedModel:
     """Resolve and load a registered version (its pyfunc's Keras detector and serving config)."""
-    import mlflow
-
     ref, data_version = resolve_version(layout, params, stage=stage, version=version)
     uri = tracking_uri(layout)
-    mlflow.set_tracking_uri(uri)
     try:
-        pyfunc = mlflow.pyfunc.load_model(f"models:/{ref.name}/{ref.version}")
+        pyfunc = load_pyfunc(layout, ref.name, ref.version)
         model = pyfunc.unwrap_python_model()
         detector, config = model.detector, model.config
     except AttributeError:
@@ -233,14 +231,13 @@ def batch_prediction(
     sr_out: str | None = None,
     progress_bar: bool = False,
 ) -> dict[str, Any]:
-    from flows import workspace as ws
     from pipeline_steps.core.deid import pseudonym_key
 
-    layout, params = stages.open_workspace(Path(workspace))
+    layout, params = open_workspace(Path(workspace))
     files = list_inputs(Path(source))
     model = load_model_task(layout, params, stage=stage, version=version)
     cutoff = model.config.test.score_threshold if threshold is None else float(threshold)
-    provenance = Provenance(model.ref, model.data_version, ws.code_version())
+    provenance = Provenance(model.ref, model.data_version, code_version())
     key = pseudonym_key()
     logger = get_run_logger()
     logger.info(

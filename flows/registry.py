@@ -1,5 +1,4 @@
-"""MLflow edge of the model registry: stages as aliases, every move recorded in the audit ledger, and the
-champion/challenger gate run on registered models.
+"""MLflow edge of the model registry: stages as aliases, every move recorded in the audit ledger.
 
 The rules (which aliases move, what a gate needs) are pure functions in
 `pipeline_steps/governance/stages.py`; this module reads MLflow, applies their plans and records them.
@@ -10,29 +9,23 @@ two racing promotions serialize and the one that finds the registry changed unde
 from __future__ import annotations
 
 import getpass
-import hashlib
-import json
 import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
-
+from flows.tracking import mlflow_client, tracking_uri
 from flows.tracking import public_uri as _public_uri
-from flows.tracking import tracking_uri
 from pipeline_steps.core.config import Params
-from pipeline_steps.core.errors import DataError, TrackingError
+from pipeline_steps.core.errors import TrackingError
 from pipeline_steps.core.layout import Layout
-from pipeline_steps.gate import Check, GateResult, evaluate_gate
 from pipeline_steps.governance.ledger import (
     Entry,
     Ledger,
     LedgerError,
-    jsonable,
     open_ledger,
     timestamp,
 )
@@ -44,7 +37,6 @@ from pipeline_steps.governance.lifecycle import (
     Move,
     RegistryOp,
     RequirementsNotMet,
-    TagOp,
     TransitionError,
     UnknownVersion,
     parse_stage,
@@ -54,12 +46,12 @@ from pipeline_steps.governance.lifecycle import (
     stage_map,
     stage_of,
 )
-from pipeline_steps.serving.serving import INPUT_COLUMN
 
-TRANSITION = "transition"  # ledger kinds written here
+TRANSITION = (
+    "transition"  # ledger kinds: transitions are written here, gate decisions by flows/gate.py
+)
 GATE = "gate"
-PIPELINE_ACTOR = "radflow-pipeline"
-GATE_TAGS = ("gate.result", "gate.ledger_row")
+GATE_TAGS = ("gate.result", "gate.ledger_row")  # version tags the gate sets and `models` shows
 
 
 def default_actor() -> str:
@@ -223,10 +215,16 @@ def _version_info(mv: Any) -> VersionInfo:
 
 
 def open_registry(layout: Layout, model_name: str) -> ModelRegistry:
-    from mlflow.tracking import MlflowClient
-
     uri = tracking_uri(layout)
-    return ModelRegistry(MlflowClient(tracking_uri=uri, registry_uri=uri), model_name, uri)
+    return ModelRegistry(mlflow_client(uri), model_name, uri)
+
+
+@contextmanager
+def governance(layout: Layout, params: Params) -> Iterator[tuple[ModelRegistry, Ledger]]:
+    """The workspace's registry and audit ledger, together: every transition needs both."""
+    registry = open_registry(layout, params.register_.model_name)
+    with open_ledger(layout.root) as ledger:
+        yield registry, ledger
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,7 +255,8 @@ def latest_gate(ledger: Ledger, model_name: str, version: str) -> Entry | None:
     return found[-1] if found else None
 
 
-def _gate_summary(entry: Entry) -> dict[str, Any]:
+def gate_evidence(entry: Entry) -> dict[str, Any]:
+    """A gate decision's ledger row, as the evidence a promotion to production records."""
     p = entry.payload
     keys = ("passed", "reason", "metric", "candidate", "production", "delta", "ci_low", "ci_high")
     return {"ledger_row": entry.seq, "row_hash": entry.row_hash} | {k: p.get(k) for k in keys}
@@ -282,7 +281,7 @@ def production_requirements(
             f"the validation of its data version {info.tags.get('data_version', '?')} did not pass "
             f"(tag validation_passed={validation or 'missing'})"
         )
-    return unmet, _gate_summary(gate) if gate else None
+    return unmet, gate_evidence(gate) if gate else None
 
 
 def _changed(before: Mapping[str, str], after: Mapping[str, str]) -> str:
@@ -460,7 +459,7 @@ def list_versions(registry: ModelRegistry, ledger: Ledger) -> list[dict[str, Any
                 },
                 "data_version": info.tags.get("data_version"),
                 "code_version": info.tags.get("code_version"),
-                "gate": info.tags.get("gate.result"),
+                "gate": info.tags.get(GATE_TAGS[0]),
                 "created": timestamp(info.created),
                 "promoted_by": moved.payload.get("actor") if moved else None,
                 "promoted_at": moved.recorded_at if moved else None,
@@ -468,208 +467,3 @@ def list_versions(registry: ModelRegistry, ledger: Ledger) -> list[dict[str, Any
             }
         )
     return rows
-
-
-# --------------------------------------------------------------------------------------------
-# The champion/challenger gate
-
-
-@dataclass(frozen=True)
-class TestSet:
-    __test__ = False  # not a pytest class
-
-    paths: list[str]
-    gts: list[np.ndarray]
-    patients: list[str]
-    content_hashes: list[str]
-
-    @property
-    def digest(self) -> str:
-        """Identity of the images both models were scored on."""
-        return hashlib.sha256("\n".join(sorted(self.content_hashes)).encode()).hexdigest()
-
-
-def load_test_set(layout: Layout) -> TestSet:
-    """The test split of the current data version: raw DICOM paths and original-pixel boxes."""
-    import pandas as pd
-
-    for path in (layout.manifest, layout.metadata, layout.labels):
-        if not path.exists():
-            raise DataError(f"{path}: missing. Run the pipeline up to `test` first.")
-    manifest = pd.read_parquet(layout.manifest)
-    test = manifest[manifest["split"] == "test"].sort_values("image_id")
-    if test.empty:
-        raise DataError(
-            f"{layout.manifest}: the test split is empty; the gate has nothing to score"
-        )
-    files = pd.read_parquet(layout.metadata, columns=["image_id", "file"]).set_index("image_id")
-    labels = pd.read_parquet(layout.labels).dropna(subset=["x_min"])
-    truth = {
-        str(k): g[["x_min", "y_min", "x_max", "y_max"]].to_numpy(float)
-        for k, g in labels.groupby("image_id")
-    }
-    return TestSet(
-        paths=[str(layout.raw / str(files.loc[i, "file"])) for i in test["image_id"]],
-        gts=[truth.get(str(i), np.zeros((0, 4))) for i in test["image_id"]],
-        patients=[str(p) for p in test["patient_pseudonym"]],
-        content_hashes=[str(h) for h in test["content_hash"]],
-    )
-
-
-def predict_registered(
-    layout: Layout, model_name: str, version: str, paths: Sequence[str], threshold: float
-) -> list[np.ndarray]:
-    """(k, 5) boxes per path in original pixels, from the registered pyfunc of `version`."""
-    import mlflow
-    import pandas as pd
-
-    mlflow.set_tracking_uri(tracking_uri(layout))
-    try:
-        model = mlflow.pyfunc.load_model(f"models:/{model_name}/{version}")
-    except Exception as exc:
-        raise TrackingError(
-            f"cannot load {model_name} version {version} from {_public_uri(tracking_uri(layout))}: "
-            f"{str(exc).splitlines()[0][:300]}"
-        ) from None
-    schema = model.metadata.get_input_schema()
-    if schema is None or schema.input_names() != [INPUT_COLUMN]:
-        raise IncomparableModel(
-            f"version {version} does not take DICOM input (registered before radflow's pyfunc?), "
-            "so the gate cannot score it; promote explicitly if it should stay or go"
-        )
-    out = model.predict(
-        pd.DataFrame({INPUT_COLUMN: list(paths)}), params={"score_threshold": threshold}
-    )
-    failed = [e for e in out["error"] if e]
-    if failed:
-        raise DataError(
-            f"version {version} could not read {len(failed)} test image(s) "
-            f"(first: {failed[0]}); the gate needs every image scored by both models"
-        )
-    return [
-        np.array(
-            [[b["x_min"], b["y_min"], b["x_max"], b["y_max"], b["score"]] for b in boxes],
-            dtype=np.float64,
-        ).reshape(-1, 5)
-        for boxes in out["boxes"]
-    ]
-
-
-class IncomparableModel(TrackingError):
-    """The production version is not a DICOM pyfunc, so the gate cannot score it."""
-
-
-@dataclass(frozen=True)
-class GateOutcome:
-    version: str
-    production_version: str | None
-    result: GateResult
-    ledger_row: int
-    stages: tuple[str, ...]  # stages the version moved to after the decision
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "production_version": self.production_version,
-            "ledger_row": self.ledger_row,
-            "stages": list(self.stages),
-            **self.result.as_dict(),
-        }
-
-
-@contextmanager
-def governance(layout: Layout, params: Params) -> Iterator[tuple[ModelRegistry, Ledger]]:
-    registry = open_registry(layout, params.register_.model_name)
-    with open_ledger(layout.root) as ledger:
-        yield registry, ledger
-
-
-def run_gate(
-    layout: Layout,
-    params: Params,
-    version: str,
-    *,
-    actor: str = PIPELINE_ACTOR,
-    data_version: str = "",
-    run_id: str = "",
-) -> GateOutcome:
-    """Make `version` the candidate, score it and production on the same test images, decide, record
-    the decision, and promote as the decision says. Safe to re-run: moves already made are skipped."""
-    gate_params = params.register_.gate
-    name = params.register_.model_name
-    with governance(layout, params) as (registry, ledger):
-        aliases = registry.aliases()
-        if stage_of(version, aliases) is None and ARCHIVED not in registry.version(version).tags:
-            promote(
-                registry,
-                ledger,
-                version,
-                "candidate",
-                actor=actor,
-                reason=f"registered by training run {run_id or '?'}",
-                observed=aliases,
-            )
-        production = stage_map(registry.aliases()).get("production")
-        if production == version:
-            production = None
-        test = load_test_set(layout)
-        floor = params.test.metrics_score_floor  # the whole score curve, as the test stage sees it
-        candidate = predict_registered(layout, name, version, test.paths, floor)
-        try:
-            champion = (
-                predict_registered(layout, name, production, test.paths, floor)
-                if production
-                else None
-            )
-            result = evaluate_gate(candidate, champion, test.gts, test.patients, gate_params)
-        except IncomparableModel as exc:
-            # No comparison, no pass: the decision is recorded and a person decides.
-            alone = evaluate_gate(candidate, None, test.gts, test.patients, gate_params)
-            checks = (*alone.checks[:-1], Check("champion", False, str(exc)))
-            result = replace(
-                alone, passed=False, promote_to=(), checks=checks, reason=f"failed: {exc}"
-            )
-        entry = ledger.append(
-            GATE,
-            f"{name}:{version}",
-            {
-                "model": name,
-                "version": version,
-                "production_version": production,
-                "data_version": data_version,
-                "test_set": test.digest,
-                "actor": actor,
-                **result.as_dict(),
-            },
-        )
-        tags = registry.version(version).tags
-        registry.apply(
-            [
-                TagOp(version, key, value, tags.get(key))
-                for key, value in zip(
-                    GATE_TAGS,
-                    ("passed" if result.passed else "failed", str(entry.seq)),
-                    strict=True,
-                )
-            ]
-        )
-        moved = []
-        for stage in result.promote_to:
-            if stage_of(version, registry.aliases()) == stage:
-                continue
-            promote(
-                registry,
-                ledger,
-                version,
-                stage,
-                actor=actor,
-                reason=f"gate {result.reason}",
-                evidence=_gate_summary(entry),
-            )
-            moved.append(stage)
-    outcome = GateOutcome(version, production, result, entry.seq, tuple(moved))
-    layout.reports.mkdir(parents=True, exist_ok=True)
-    (layout.reports / "gate.json").write_text(
-        json.dumps(jsonable(outcome.as_dict()), indent=2, sort_keys=True)
-    )
-    return outcome

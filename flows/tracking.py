@@ -1,4 +1,5 @@
-"""MLflow edge: the tracking store of a workspace, and logging + registering a trained model.
+"""MLflow edge: the tracking store of a workspace, the one MLflow client factory and pyfunc loader of
+flows/ (the only module here that imports MLflow), and logging + registering a trained model.
 
 A model version is the pyfunc of `pipeline_steps/governance/pyfunc.py` (DICOM in, boxes in original
 pixels out), with a Keras-native copy in the same run, lineage tags, the training manifest as an
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -18,13 +18,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+from flows import versioning
 from pipeline_steps.core.errors import TrackingError
 from pipeline_steps.core.layout import Layout
 from pipeline_steps.register import Registration
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 PYFUNC_NAME = "model"  # the registered pyfunc, under the run's artifacts
 KERAS_NAME = "keras_model"  # the Keras-native copy, for reuse (fine-tuning, export)
@@ -59,10 +64,24 @@ def tracking_uri(layout: Layout) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{layout.mlflow_db}"
 
 
-def _experiment_id(client: object, name: str, layout: Layout) -> str:
+def mlflow_client(uri: str) -> MlflowClient:
+    """The one MLflow client factory of flows/: `uri` (usually `tracking_uri(layout)`) serves as the
+    tracking store and as the model registry."""
     from mlflow.tracking import MlflowClient
 
-    assert isinstance(client, MlflowClient)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def load_pyfunc(layout: Layout, model_name: str, version: str) -> Any:
+    """The registered pyfunc of `version`, as MLflow loads it; MLflow's errors are the caller's to
+    word."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(layout))
+    return mlflow.pyfunc.load_model(f"models:/{model_name}/{version}")
+
+
+def _experiment_id(client: MlflowClient, name: str, layout: Layout) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
         return str(found.experiment_id)
@@ -85,19 +104,8 @@ def public_uri(uri: str) -> str:
     return uri
 
 
-def data_git_rev(layout: Layout) -> str:
-    """The workspace commit that holds data/raw.dvc as it is now; "uncommitted" when none does."""
-    rel = str(layout.raw_dvc.relative_to(layout.root))
-
-    def git(*args: str) -> str | None:
-        done = subprocess.run(
-            ["git", "-C", str(layout.root), *args], capture_output=True, text=True
-        )
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    if git("status", "--porcelain", "--", rel) != "":  # changed, untracked, or not a git repo
-        return "uncommitted"
-    return git("log", "-1", "--format=%H", "--", rel) or "uncommitted"
+# Kept for flows/stages.py until it calls versioning.data_git_rev; remove then.
+data_git_rev = versioning.data_git_rev
 
 
 def serving_requirements() -> list[str]:
@@ -154,11 +162,10 @@ def log_and_register(layout: Layout, registration: Registration, model_path: Pat
     """One MLflow run with params, per-epoch and test metrics, reports, lineage and the model; register
     a version tagged with its lineage."""
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(layout)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(tracking_uri=uri)
+    client = mlflow_client(uri)
     try:
         experiment_id = _experiment_id(client, registration.experiment, layout)
     except Exception as exc:
@@ -182,12 +189,10 @@ def log_and_register(layout: Layout, registration: Registration, model_path: Pat
                 mlflow.log_artifact(str(report), artifact_path="reports")
         if layout.plots.exists():
             mlflow.log_artifacts(str(layout.plots), artifact_path="reports/plots")
-        report_page = layout.reports / "latest"
-        if report_page.exists():  # the one-page HTML report of the test stage (PNGs embedded)
-            mlflow.log_artifacts(str(report_page), artifact_path="reports/latest")
-        drift = layout.reports / "drift"
-        if drift.exists():
-            mlflow.log_artifacts(str(drift), artifact_path="reports/drift")
+        if layout.report_dir.exists():  # the one-page HTML report of the test stage (PNGs embedded)
+            mlflow.log_artifacts(str(layout.report_dir), artifact_path="reports/latest")
+        if layout.drift_dir.exists():
+            mlflow.log_artifacts(str(layout.drift_dir), artifact_path="reports/drift")
         manifest = scratch / Path(MANIFEST_ARTIFACT).name
         manifest.write_bytes(lineage.manifest_csv)
         mlflow.log_artifact(str(manifest), artifact_path=str(Path(MANIFEST_ARTIFACT).parent))
@@ -254,10 +259,9 @@ def load_champion(layout: Layout, model_name: str) -> tuple[Champion | None, str
     try:
         import mlflow
         from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
 
         with _short_retries():
-            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            client = mlflow_client(uri)
             try:
                 registered = client.get_registered_model(model_name)
             except MlflowException as exc:

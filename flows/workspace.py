@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
+from flows import versioning
 from pipeline_steps.core.config import Params, load_params
 from pipeline_steps.core.errors import WorkspaceError
 from pipeline_steps.core.layout import Layout
 
-TEMPLATE_FILES = ("params.yaml", "dvc.yaml")
+# Kept for flows/stages.py until it calls versioning.code_version; remove then.
+code_version = versioning.code_version
+
 WORKSPACE_GITIGNORE = [
     "mlflow.db",
     "mlartifacts/",
@@ -33,50 +35,35 @@ WORKSPACE_GITIGNORE = [
 ]
 
 
-def source_root() -> Path:
-    """The radflow checkout this code runs from: the source of dvc.yaml, params.yaml and the code version."""
-    return Path(__file__).resolve().parent.parent
-
-
-def _git(root: Path, *args: str) -> str:
-    done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise WorkspaceError(f"git {' '.join(args)} failed in {root}: {done.stderr.strip()}")
-    return done.stdout.strip()
-
-
-def code_version() -> str:
-    """The git commit of the radflow code, with `-dirty` when code or params differ from it."""
-    root = source_root()
-    try:
-        commit = _git(root, "rev-parse", "HEAD")
-        dirty = _git(
-            root, "status", "--porcelain", "--", "pipeline_steps", "flows", "pyproject.toml"
-        )
-    except WorkspaceError:
-        return "unknown"
-    return commit + ("-dirty" if dirty else "")
-
-
 def resolve(path: Path | None) -> Layout:
-    """The workspace at `path` (default: the current directory), checked to be a radflow checkout."""
-    root = (path or Path.cwd()).resolve()
-    missing = [name for name in ("params.yaml", "dvc.yaml", ".dvc") if not (root / name).exists()]
+    """The workspace at `path` (default: the current directory), checked to be a radflow checkout.
+    For commands that need no params (`radflow audit`); the others open it with `open_workspace`."""
+    layout = Layout((path or Path.cwd()).resolve())
+    markers = (layout.params_file, layout.dvc_yaml, layout.dvc_dir)
+    missing = [marker.name for marker in markers if not marker.exists()]
     if missing:
         raise WorkspaceError(
-            f"{root} is not a radflow workspace (missing {', '.join(missing)}). "
-            f"Run `radflow init {root}` or pass --workspace DIR."
+            f"{layout.root} is not a radflow workspace (missing {', '.join(missing)}). "
+            f"Run `radflow init {layout.root}` or pass --workspace DIR."
         )
-    return Layout(root)
+    return layout
+
+
+def open_workspace(path: Path | None) -> tuple[Layout, Params]:
+    """The workspace at `path` (default: the current directory) and its params.yaml, checked: a bad
+    params.yaml fails here, before any work starts."""
+    layout = resolve(path)
+    return layout, load_params(layout.params_file)
 
 
 def load(layout: Layout) -> Params:
-    return load_params(layout.root / "params.yaml")
+    """Kept for flows/stages.py until it calls `open_workspace`; remove then."""
+    return load_params(layout.params_file)
 
 
 def _point_code_deps_at_source(dvc_yaml: Path) -> None:
     """A workspace outside the radflow checkout depends on the code it runs: DVC takes absolute deps."""
-    source = source_root()
+    source = versioning.source_root()
     lines = []
     for line in dvc_yaml.read_text().splitlines(keepends=True):
         stripped = line.lstrip()
@@ -89,25 +76,27 @@ def _point_code_deps_at_source(dvc_yaml: Path) -> None:
 
 def init(path: Path) -> Layout:
     """Create (or complete) a workspace: git repo, DVC repo with autostage, params.yaml and dvc.yaml."""
-    root = path.resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    if not (root / ".git").exists():
-        _git(root, "init", "-q")
-    for name in TEMPLATE_FILES:
-        if not (root / name).exists():
-            shutil.copyfile(source_root() / name, root / name)
-    if root != source_root():
-        _point_code_deps_at_source(root / "dvc.yaml")
-    if not (root / ".dvc").exists():
-        from flows import versioning
-
-        versioning.dvc(root, "init", "-q")
-        versioning.dvc(root, "config", "core.autostage", "true")
-        versioning.dvc(root, "config", "core.analytics", "false")
-    ignore = root / ".gitignore"
+    layout = Layout(path.resolve())
+    source = Layout(versioning.source_root())
+    layout.root.mkdir(parents=True, exist_ok=True)
+    if not layout.git_dir.exists():
+        versioning.git(layout.root, "init", "-q")
+    for mine, template in (
+        (layout.params_file, source.params_file),
+        (layout.dvc_yaml, source.dvc_yaml),
+    ):
+        if not mine.exists():
+            shutil.copyfile(template, mine)
+    if layout.root != source.root:
+        _point_code_deps_at_source(layout.dvc_yaml)
+    if not layout.dvc_dir.exists():
+        versioning.dvc(layout.root, "init", "-q")
+        versioning.dvc(layout.root, "config", "core.autostage", "true")
+        versioning.dvc(layout.root, "config", "core.analytics", "false")
+    ignore = layout.gitignore
     present = set(ignore.read_text().splitlines()) if ignore.exists() else set()
     with ignore.open("a") as fh:
         for line in WORKSPACE_GITIGNORE:
             if line not in present:
                 fh.write(line + os.linesep)
-    return Layout(root)
+    return layout

@@ -87,16 +87,17 @@ def stage_code_of(name: str) -> set[str]:
 
 
 @pytest.mark.integration
-def test_a_helper_of_one_stage_flags_that_stage_alone(workspace):
+def test_known_helpers_flag_their_known_stages(workspace):
     """Spelled out, so the test above cannot pass by computing the same wrong set twice."""
-    for helper, stage in [
-        ("pipeline_steps/core/augment.py", "train"),
-        ("pipeline_steps/core/plots.py", "test"),
+    for helper, stages in [
+        ("pipeline_steps/core/augment.py", {"train"}),
+        ("pipeline_steps/core/plots.py", {"test"}),
+        ("pipeline_steps/core/metrics.py", {"train", "test", "gate"}),  # val AP, scores, the gate
     ]:
         path = workspace / helper
         original = path.read_text()
         try:
             path.write_text(original + "\n# an edit\n")
-            assert _changed(workspace) == {stage}
+            assert _changed(workspace) == stages
         finally:
             path.write_text(original)
