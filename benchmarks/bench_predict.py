@@ -146,11 +146,11 @@ def main() -> int:
     detector, config, provenance = _model(args.workspace)
     ingest = Params().ingest
     key = os.environ["RADFLOW_PSEUDONYM_KEY"]
-    threshold = config.test.score_threshold
+    threshold = config.detection.score_threshold
     load = os.getloadavg()[0]
     print(
         f"{len(files)} images, input {config.preprocess.input_size}, flip TTA "
-        f"{config.test.flip_tta}; load average {load:.1f}",
+        f"{config.detection.flip_tta}; load average {load:.1f}",
         flush=True,
     )
 
@@ -158,15 +158,15 @@ def main() -> int:
     prepared = np.stack(
         [prepare(read_image(p, ingest.default_spacing_mm), config.preprocess)[0] for p in files]
     )
-    predict_boxes(detector, prepared[:CHUNK], config.test)  # warm-up (graph tracing)
+    predict_boxes(detector, prepared[:CHUNK], config.detection)  # warm-up (graph tracing)
     start = time.perf_counter()
     for i in range(0, len(prepared), CHUNK):
-        predict_boxes(detector, prepared[i : i + CHUNK], config.test)
+        predict_boxes(detector, prepared[i : i + CHUNK], config.detection)
     model_rate = len(prepared) / (time.perf_counter() - start)
     model_single = []
     for i in range(args.single):
         t = time.perf_counter()
-        predict_boxes(detector, prepared[i % len(prepared)][None], config.test)
+        predict_boxes(detector, prepared[i % len(prepared)][None], config.detection)
         model_single.append((time.perf_counter() - t) * 1000)
 
     with tempfile.TemporaryDirectory(prefix="radflow-bench-predict-") as tmp:

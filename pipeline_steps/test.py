@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline_steps.core.config import TestParams
+from pipeline_steps.core.config import DetectionParams
 from pipeline_steps.core.errors import DataError
 from pipeline_steps.core.layout import Layout
 
@@ -124,7 +124,7 @@ def _write_froc_csv(curve: FrocResult, path: Path) -> None:
 
 def run(
     layout: Layout,
-    params: TestParams,
+    params: DetectionParams,
     input_size: int,
     spacing_mm: float = 1.4,
     n_boot: int = 200,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from pipeline_steps.core.augment import build_lesion_bank, training_transform
-from pipeline_steps.core.config import TestParams, TrainParams
+from pipeline_steps.core.config import DetectionParams, TrainParams
 from pipeline_steps.core.detector import (
     STRIDE,
     build_detector,
@@ -190,7 +190,7 @@ def evaluate_detector(
     model: keras.Model,
     examples: ExampleSource,
     input_size: int,
-    test_params: TestParams,
+    test_params: DetectionParams,
     batch_size: int,
     iou_threshold: float,
 ) -> dict[str, float]:
@@ -311,7 +311,7 @@ class _EpochHandler:
         val_examples: ExampleSource,
         n_val: int,
         params: TrainParams,
-        test_params: TestParams,
+        test_params: DetectionParams,
         input_size: int,
         on_epoch_end: EpochCallback | None,
     ) -> None:
@@ -407,7 +407,7 @@ def train_detector(
     val_examples: ExampleSource,
     n_val: int,
     params: TrainParams,
-    test_params: TestParams,
+    test_params: DetectionParams,
     input_size: int,
     checkpoint_dir: Path,
     on_epoch_end: EpochCallback | None = None,
@@ -510,7 +510,7 @@ def checkpoint_key(manifest_path: Path, params: TrainParams, input_size: int) ->
 def run(
     layout: Layout,
     params: TrainParams,
-    test_params: TestParams,
+    test_params: DetectionParams,
     input_size: int,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:

@@ -230,8 +230,10 @@ class BaselineParams(_Section):
         return self
 
 
-class TestParams(_Section):
-    __test__ = False  # not a pytest test class
+class DetectionParams(_Section):
+    """The `test` section: how model outputs become boxes (score threshold, NMS, box cap, flip
+    TTA), used alike by the test stage, validation during training and serving; and the classical
+    baseline the test stage scores beside the detector."""
 
     score_threshold: float = Field(0.3, ge=0.0, le=1.0)
     # Metrics decode down to this score so FROC and AP see the whole curve, not only the
@@ -313,7 +315,7 @@ class Params(_Section):
     preprocess: PreprocessParams = PreprocessParams()
     extract_features: ExtractFeaturesParams = ExtractFeaturesParams()
     train: TrainParams = TrainParams()
-    test: TestParams = TestParams()
+    test: DetectionParams = DetectionParams()
     register_: RegisterParams = Field(RegisterParams(), alias="register")
     nightly: NightlyParams = NightlyParams()
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline_steps.core.boxes import non_max_suppression
-from pipeline_steps.core.config import TestParams, TrainParams
+from pipeline_steps.core.config import DetectionParams, TrainParams
 
 if TYPE_CHECKING:
     import keras
@@ -351,7 +351,7 @@ def _local_maxima(heat: np.ndarray) -> np.ndarray:
     return heat >= pooled
 
 
-def decode_detections(outputs: Any, params: TestParams, input_size: int) -> list[np.ndarray]:
+def decode_detections(outputs: Any, params: DetectionParams, input_size: int) -> list[np.ndarray]:
     """Boxes per image from model outputs (N, H, W, 5): (k, 5) x_min, y_min, x_max, y_max, score.
 
     Peaks are 3x3 local maxima of the heatmap at or above `params.score_threshold`; their
@@ -432,7 +432,7 @@ def _forward(model: keras.Model, batch: np.ndarray, batch_size: int) -> np.ndarr
 
 
 def predict_boxes(
-    model: keras.Model, images: np.ndarray, params: TestParams, batch_size: int = 16
+    model: keras.Model, images: np.ndarray, params: DetectionParams, batch_size: int = 16
 ) -> list[np.ndarray]:
     """Detections for images (N, S, S) float32 in [0, 1], one (k, 5) array per image.
 

@@ -27,7 +27,7 @@ from pipeline_steps.serving.serving import (
 if TYPE_CHECKING:
     from mlflow.models import ModelSignature
 
-    from pipeline_steps.core.config import TestParams
+    from pipeline_steps.core.config import DetectionParams
 
 
 class RadiographDetector(PythonModel):
@@ -67,7 +67,7 @@ class RadiographDetector(PythonModel):
 # Signature
 
 
-def signature(test: TestParams) -> ModelSignature:
+def signature(test: DetectionParams) -> ModelSignature:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array, Object, Property

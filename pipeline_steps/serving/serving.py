@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from pipeline_steps.core.config import IngestParams, PreprocessParams, TestParams
+from pipeline_steps.core.config import DetectionParams, IngestParams, PreprocessParams
 from pipeline_steps.core.detector import predict_boxes
 from pipeline_steps.core.dicom_io import DicomImage, read_image
 from pipeline_steps.core.errors import DataError
@@ -48,22 +48,23 @@ class ServingConfig:
     """What the model needs beside its weights; stored as the `config` artifact of the model."""
 
     preprocess: PreprocessParams
-    test: TestParams
+    detection: DetectionParams
     default_spacing_mm: float
     label: str = RSNA_LABEL
 
     @classmethod
     def from_params(
-        cls, preprocess: PreprocessParams, test: TestParams, ingest: IngestParams
+        cls, preprocess: PreprocessParams, detection: DetectionParams, ingest: IngestParams
     ) -> ServingConfig:
-        return cls(preprocess, test, ingest.default_spacing_mm)
+        return cls(preprocess, detection, ingest.default_spacing_mm)
 
     def to_json(self) -> str:
         pixel = self.preprocess.model_dump(mode="json")
         return json.dumps(
             {
                 "preprocess": {k: pixel[k] for k in PIXEL_KEYS},
-                "test": self.test.model_dump(mode="json"),
+                # "test": the params section it comes from; registered models carry this key.
+                "test": self.detection.model_dump(mode="json"),
                 "default_spacing_mm": self.default_spacing_mm,
                 "label": self.label,
             },
@@ -74,16 +75,16 @@ class ServingConfig:
     @classmethod
     def from_json(cls, text: str) -> ServingConfig:
         raw = json.loads(text)
-        # Keep what today's TestParams knows about decoding (flat keys); nested sections such as
+        # Keep what today's DetectionParams knows about decoding (flat keys); nested sections such as
         # the baseline's do not shape served boxes, and a model must outlive changes to them.
         decoding = {
             k: v
             for k, v in raw["test"].items()
-            if k in TestParams.model_fields and not isinstance(v, dict)
+            if k in DetectionParams.model_fields and not isinstance(v, dict)
         }
         return cls(
             PreprocessParams.model_validate({k: raw["preprocess"][k] for k in PIXEL_KEYS}),
-            TestParams.model_validate(decoding),
+            DetectionParams.model_validate(decoding),
             float(raw["default_spacing_mm"]),
             str(raw["label"]),
         )
@@ -116,7 +117,7 @@ def detect(
     if not images:
         return []
     prepared = [prepare(image, config.preprocess) for image in images]
-    params = config.test.model_copy(update={"score_threshold": threshold})
+    params = config.detection.model_copy(update={"score_threshold": threshold})
     found = predict_boxes(model, np.stack([pixels for pixels, _ in prepared]), params)
     out = []
     for (_, geometry), boxes in zip(prepared, found, strict=True):
@@ -177,7 +178,7 @@ def predict_frame(
     threshold: float | None = None,
 ) -> pd.DataFrame:
     """One output row per input: boxes, pixel hash and size, or `error` (and the batch goes on)."""
-    cutoff = config.test.score_threshold if threshold is None else float(threshold)
+    cutoff = config.detection.score_threshold if threshold is None else float(threshold)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="radflow-predict-") as scratch:
         for start in range(0, len(values), _CHUNK):

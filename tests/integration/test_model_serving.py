@@ -45,12 +45,12 @@ def test_serving_prepares_pixels_exactly_as_the_preprocess_stage(tmp_path):
 
 
 def test_a_stored_serving_config_outlives_changes_to_the_params_models():
-    from pipeline_steps.core.config import IngestParams, PreprocessParams, TestParams
+    from pipeline_steps.core.config import DetectionParams, IngestParams, PreprocessParams
     from pipeline_steps.serving.serving import ServingConfig
 
     config = ServingConfig.from_params(
         PreprocessParams(input_size=64, target_spacing_mm=2.0, workers=3),
-        TestParams(score_threshold=0.4, max_detections=3),
+        DetectionParams(score_threshold=0.4, max_detections=3),
         IngestParams(default_spacing_mm=0.2),
     )
     stored = json.loads(config.to_json())
@@ -60,7 +60,7 @@ def test_a_stored_serving_config_outlives_changes_to_the_params_models():
     stored["test"]["baseline"] = {"retired_too": 1.0}
     assert ServingConfig.from_json(json.dumps(stored)) == ServingConfig(
         PreprocessParams(input_size=64, target_spacing_mm=2.0),
-        TestParams(score_threshold=0.4, max_detections=3),
+        DetectionParams(score_threshold=0.4, max_detections=3),
         0.2,
     )
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline_steps.core.config import TestParams, TrainParams
+from pipeline_steps.core.config import DetectionParams, TrainParams
 from pipeline_steps.core.detector import predict_boxes
 from pipeline_steps.core.errors import DataError
 from pipeline_steps.train import TrainResult, evaluate_detector, train_detector
@@ -17,7 +17,7 @@ from pipeline_steps.train import TrainResult, evaluate_detector, train_detector
 pytestmark = pytest.mark.slow
 
 S = 64
-THRESHOLD = TestParams(score_threshold=0.3)
+THRESHOLD = DetectionParams(score_threshold=0.3)
 
 
 def _background(rng: np.random.Generator) -> np.ndarray:
@@ -191,7 +191,7 @@ def detector(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
 
 def test_flipped_image_gives_flipped_boxes(detector: TrainResult) -> None:
     # Centres on and off stride-4 cell borders; the top box is compared, whatever its score.
-    top = TestParams(score_threshold=0.05, max_detections=1)
+    top = DetectionParams(score_threshold=0.05, max_detections=1)
     rng = np.random.default_rng(11)
     images, truths = [], []
     for cx, cy, r in [(16.0, 20.0, 5.0), (22.0, 44.0, 6.5), (45.0, 30.0, 4.0), (33.5, 9.0, 6.0)]:
@@ -219,7 +219,7 @@ def test_blank_images_give_no_boxes(detector: TrainResult) -> None:
 
 def _score_near(model: object, images: np.ndarray, cx: float, cy: float) -> list[float]:
     """Best score of a box centred within 6 px of (cx, cy) per image (0 if none)."""
-    anything = TestParams(score_threshold=0.01)
+    anything = DetectionParams(score_threshold=0.01)
     scores = []
     for dets in predict_boxes(model, images, anything):  # type: ignore[arg-type]
         centres = np.stack([(dets[:, 0] + dets[:, 2]) / 2, (dets[:, 1] + dets[:, 3]) / 2], axis=1)
@@ -257,7 +257,7 @@ def test_most_negative_images_give_no_box_above_the_operating_threshold(
 
 
 def test_flip_tta_makes_flipped_boxes_exact_mirrors(detector: TrainResult) -> None:
-    top = TestParams(score_threshold=0.05, max_detections=1, flip_tta=True)
+    top = DetectionParams(score_threshold=0.05, max_detections=1, flip_tta=True)
     rng = np.random.default_rng(15)
     images = np.stack(
         [_add_disc(_background(rng), cx, 30.0, 5.0, 0.45) for cx in (14.0, 27.5, 41.0)]
@@ -326,7 +326,7 @@ def test_monochrome1_and_monochrome2_files_give_identical_predictions(
             tensors[str(record["image_id"])] = image
     assert len(tensors) == 4
 
-    anything = TestParams(score_threshold=0.01)
+    anything = DetectionParams(score_threshold=0.01)
     for name in ("pos", "neg"):
         m2, m1 = tensors[f"{name}-monochrome2"], tensors[f"{name}-monochrome1"]
         np.testing.assert_array_equal(m1, m2)

@@ -15,7 +15,7 @@ from pipeline_steps.core.augment import (
     build_lesion_bank,
     lesion_residual,
 )
-from pipeline_steps.core.config import TestParams, TrainParams
+from pipeline_steps.core.config import DetectionParams, TrainParams
 from pipeline_steps.core.detector import (
     HEATMAP_PRIOR,
     STRIDE,
@@ -96,7 +96,7 @@ def _box(row: int, col: int, w: float, h: float) -> list[float]:
 
 def test_decode_returns_boxes_above_threshold_sorted_by_score() -> None:
     out = _outputs_with([(3, 4, 0.6, 8, 10), (10, 12, 0.9, 12, 6), (12, 2, 0.2, 8, 8)])
-    params = TestParams(score_threshold=0.3, nms_iou=0.3, max_detections=5)
+    params = DetectionParams(score_threshold=0.3, nms_iou=0.3, max_detections=5)
     (dets,) = decode_detections(out, params, S)
     expected = np.array([_box(10, 12, 12, 6) + [0.9], _box(3, 4, 8, 10) + [0.6]], np.float32)
     np.testing.assert_allclose(dets, expected, atol=1e-5)
@@ -108,7 +108,7 @@ def test_decode_returns_boxes_above_threshold_sorted_by_score() -> None:
 def test_decode_keeps_only_local_maxima() -> None:
     # A peak and its weaker 8-neighbour: the 3x3 max-pool keeps the peak alone.
     out = _outputs_with([(5, 5, 0.9, 8, 8), (5, 6, 0.8, 8, 8), (6, 6, 0.7, 8, 8)])
-    (dets,) = decode_detections(out, TestParams(score_threshold=0.3, nms_iou=1.0), S)
+    (dets,) = decode_detections(out, DetectionParams(score_threshold=0.3, nms_iou=1.0), S)
     assert len(dets) == 1 and dets[0, 4] == pytest.approx(0.9)
 
 
@@ -116,19 +116,19 @@ def test_decode_applies_nms_and_max_detections() -> None:
     # Two peaks two cells apart (not neighbours) with big overlapping boxes: IoU 0.5.
     peaks = [(6, 6, 0.9, 24, 24), (6, 8, 0.8, 24, 24), (13, 13, 0.5, 8, 8)]
     out = _outputs_with(peaks)
-    (dets,) = decode_detections(out, TestParams(score_threshold=0.3, nms_iou=0.3), S)
+    (dets,) = decode_detections(out, DetectionParams(score_threshold=0.3, nms_iou=0.3), S)
     np.testing.assert_allclose(dets[:, 4], [0.9, 0.5])
-    (loose,) = decode_detections(out, TestParams(score_threshold=0.3, nms_iou=0.9), S)
+    (loose,) = decode_detections(out, DetectionParams(score_threshold=0.3, nms_iou=0.9), S)
     np.testing.assert_allclose(loose[:, 4], [0.9, 0.8, 0.5])
     (top,) = decode_detections(
-        out, TestParams(score_threshold=0.3, nms_iou=0.9, max_detections=1), S
+        out, DetectionParams(score_threshold=0.3, nms_iou=0.9, max_detections=1), S
     )
     np.testing.assert_allclose(top[:, 4], [0.9])
 
 
 def test_decode_clips_to_image_and_handles_empty_batch_items() -> None:
     out = np.concatenate([_outputs_with([(0, 0, 0.9, 20, 20)]), _outputs_with([])])
-    dets = decode_detections(out, TestParams(), S)
+    dets = decode_detections(out, DetectionParams(), S)
     assert len(dets) == 2 and dets[1].shape == (0, 5)
     np.testing.assert_allclose(dets[0][0, :4], [0, 0, 12, 12])
 
@@ -136,7 +136,7 @@ def test_decode_clips_to_image_and_handles_empty_batch_items() -> None:
 def test_encode_then_decode_round_trip() -> None:
     boxes = np.array([[10, 12, 22, 20], [40, 40, 52, 56]], np.float32)
     packed = pack_targets(encode_targets(boxes, S))[None, ..., :5]
-    (dets,) = decode_detections(packed, TestParams(score_threshold=0.5), S)
+    (dets,) = decode_detections(packed, DetectionParams(score_threshold=0.5), S)
     order = np.argsort(dets[:, 0])
     np.testing.assert_allclose(dets[order, :4], boxes, atol=1e-4)
 
@@ -307,7 +307,7 @@ def test_train_dataset_varies_by_epoch_and_replays_from_any_epoch() -> None:
 def test_decode_drops_non_finite_boxes() -> None:
     out = _outputs_with([(3, 3, 0.9, 8, 8), (10, 10, 0.8, 8, 8)])
     out[0, 3, 3, 1] = np.nan  # a diverged size head at the first peak
-    (dets,) = decode_detections(out, TestParams(), S)
+    (dets,) = decode_detections(out, DetectionParams(), S)
     assert np.isfinite(dets).all() and len(dets) == 1 and dets[0, 4] == pytest.approx(0.8)
 
 
@@ -381,7 +381,7 @@ def test_fuse_flipped_aligns_cells_and_mirrors_offsets() -> None:
     fused = fuse_flipped(out, mirrored)
     np.testing.assert_allclose(fused[0, 5, 3], [0.7, 3.0, 3.0, 0.25, 0.5])
     # Both views place the centre at x = (3 + 0.25) cells, so the fused box centre does too.
-    (dets,) = decode_detections(fused, TestParams(score_threshold=0.5), S)
+    (dets,) = decode_detections(fused, DetectionParams(score_threshold=0.5), S)
     assert (dets[0, 0] + dets[0, 2]) / 2 == pytest.approx(3.25 * STRIDE)
 
 
@@ -413,7 +413,7 @@ def test_crop_size_must_suit_the_network_depth(tmp_path: Path) -> None:
     params = TrainParams(width=4, depth=2, crop_size=36)  # not a multiple of 8
     with pytest.raises(ConfigError, match="train.crop_size"):
         train_detector(
-            lambda: iter(examples), 1, lambda: iter([]), 0, params, TestParams(), S, tmp_path
+            lambda: iter(examples), 1, lambda: iter([]), 0, params, DetectionParams(), S, tmp_path
         )
 
 

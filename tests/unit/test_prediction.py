@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from pipeline_steps.core.config import IngestParams, PreprocessParams, TestParams, TrainParams
+from pipeline_steps.core.config import DetectionParams, IngestParams, PreprocessParams, TrainParams
 from pipeline_steps.core.deid import image_id_for
 from pipeline_steps.core.files import file_sha256
 from pipeline_steps.serving.prediction import (
@@ -102,7 +102,7 @@ def tiny_model():
 def test_a_batch_keeps_input_order_and_reports_a_bad_file_without_stopping(tmp_path, tiny_model):
     config = ServingConfig(
         PreprocessParams(input_size=64, target_spacing_mm=1.9),  # the images nearly fill 64 px
-        TestParams(score_threshold=0.0, max_detections=20, flip_tta=False),
+        DetectionParams(score_threshold=0.0, max_detections=20, flip_tta=False),
         0.35,
     )
     a = build_dicom(tmp_path / "a.dcm", spacing=(0.4, 0.4))
