@@ -4,17 +4,15 @@ interval, or it stays a candidate. Pure functions on plain arrays; `flows/gate.p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
+from pipeline_steps.core.bootstrap import MetricFn, paired_bootstrap_ci
 from pipeline_steps.core.config import GateParams
 from pipeline_steps.core.metrics import average_precision, evaluate_detections, froc, image_auroc
-
-MetricFn = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], float]
-
 
 # --------------------------------------------------------------------------------------------
 # Champion/challenger gate
@@ -43,37 +41,15 @@ def paired_bootstrap(
     seed: int,
     level: float,
 ) -> tuple[float, float, float]:
-    """metric(candidate) - metric(production) on all images, and its percentile interval.
-
-    Each replicate draws patients with replacement (each brings all of its images, which are not
-    independent) and scores both models on the same draw, so the interval is that of the paired
-    difference, far narrower than two separate intervals would suggest. Replicates where the
-    difference is undefined (no ground truth drawn) are dropped; none left gives nan bounds.
-    """
-    if not len(candidate) == len(production) == len(gts) == len(patient_ids):
-        raise ValueError("candidate, production, gts and patient_ids must be aligned by image")
+    """metric(candidate) - metric(production) on all images, and the percentile interval of that
+    difference from the kernel's patient-level paired bootstrap (both models scored on the same
+    resampled patients). Replicates where the difference is undefined are dropped; none left gives
+    nan bounds."""
     delta = metric_fn(candidate, gts) - metric_fn(production, gts)
-    groups: dict[Hashable, list[int]] = {}
-    for i, pid in enumerate(patient_ids):
-        groups.setdefault(pid, []).append(i)
-    members = list(groups.values())
-    if not members:
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_boot):
-        idx = [i for k in rng.integers(0, len(members), size=len(members)) for i in members[k]]
-        g = [gts[i] for i in idx]
-        value = metric_fn([candidate[i] for i in idx], g) - metric_fn(
-            [production[i] for i in idx], g
-        )
-        if np.isfinite(value):
-            values.append(value)
-    if not values:
-        return float(delta), float("nan"), float("nan")
-    alpha = 1.0 - level
-    low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
-    return float(delta), float(low), float(high)
+    low, high = paired_bootstrap_ci(
+        metric_fn, candidate, production, gts, patient_ids, n_boot, seed, alpha=1.0 - level
+    )
+    return float(delta), low, high
 
 
 @dataclass(frozen=True)
