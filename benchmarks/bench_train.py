@@ -81,7 +81,7 @@ def main() -> int:
     import keras
     import tensorflow as tf
 
-    from pipeline_steps.core.config import TestParams, TrainParams
+    from pipeline_steps.core.config import DetectionParams, TrainParams
     from pipeline_steps.core.detector import build_detector, decode_detections, predict_outputs
     from pipeline_steps.train import (
         compile_detector,
@@ -140,7 +140,7 @@ def main() -> int:
         model_only["tta" if tta else "plain"] = len(images) / best
     outputs = predict_outputs(model, images)
     decode = min(
-        _timed(lambda: decode_detections(outputs, TestParams(score_threshold=0.01), size))
+        _timed(lambda: decode_detections(outputs, DetectionParams(score_threshold=0.01), size))
         for _ in range(args.repeat)
     )
     load_after = os.getloadavg()
