@@ -33,7 +33,7 @@ class IngestSummary:
     seen: int  # files in the folder
     added: int  # new to the archive
     skipped_existing: int  # already archived (same content)
-    accepted: int  # files whose header passes the scan (validate.build_metadata)
+    accepted: int  # files whose header passes the scan (screening.build_metadata)
     quarantined: dict[str, int]  # reason code -> files; accepted + quarantined = seen
     label_format: str = ""  # rsna | vindr | canonical; empty without a label file
     labels_imported: int = 0  # canonical rows this ingest added to labels.csv

@@ -8,20 +8,11 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from pipeline_steps.core.config import TrainParams
-
-if TYPE_CHECKING:
-    pass
-
-# ============================================================================================
-# Edge: `run(workspace, params)` (paths, MLflow) goes below this line; the core above stays
-# free of file IO other than `checkpoint_dir`.
-# ============================================================================================
-
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ def as_boxes(array: ArrayLike, n_cols: int, what: str) -> FloatArray:
 
 
 # --------------------------------------------------------------------------------------------------
-# IoU and matching
+# IoU and suppression
 
 
 def check_inputs(

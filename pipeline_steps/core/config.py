@@ -151,7 +151,7 @@ class PreprocessParams(_Section):
 
 
 class DriftParams(_Section):
-    """Feature drift of new data against a reference feature table (pipeline_steps/drift.py)."""
+    """Feature drift of new data against a reference feature table (pipeline_steps/core/drift.py)."""
 
     # Reference features.parquet (e.g. the champion's training data), relative to the workspace.
     # Empty: no comparison; the report says so.
@@ -167,7 +167,7 @@ class ExtractFeaturesParams(_Section):
     glcm_levels: int = Field(32, ge=2, le=256, description="grey levels of the co-occurrence")
     glcm_distances: tuple[int, ...] = (1, 4)
     # CNN embeddings from the backbone of the champion (registry alias `production`), when one is
-    # registered; written to data/features/embeddings.parquet, outside DVC (pipeline_steps/features.py).
+    # registered; written to data/features/embeddings.parquet, outside DVC (pipeline_steps/extract_features.py).
     embeddings: bool = True
     drift: DriftParams = DriftParams()
 
@@ -204,12 +204,12 @@ class TrainParams(_Section):
     # Fixed gaussian-derivative (Hessian) input channels at these scales, in input pixels.
     hessian_sigmas: tuple[float, ...] = Field((), description="Hessian channel scales (px)")
     # Share of training samples that get one or two training lesions pasted in, shrunk to small
-    # nodule size (train.LesionPaste): more examples of the small nodules the detector misses.
+    # nodule size (core/augment.LesionPaste): more examples of the small nodules the detector misses.
     paste_fraction: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class BaselineParams(_Section):
-    """The classical detector (pipeline_steps/baseline.py), fitted and scored in the test stage."""
+    """The classical detector (pipeline_steps/core/baseline.py), fitted and scored in the test stage."""
 
     enabled: bool = True
     # Blob scales cover lesions of these diameters (NODE21-like nodules are 6-30 mm).
@@ -243,7 +243,7 @@ class DetectionParams(_Section):
     # false positives on cluttered images; at most 3 lesions per image, 20 leaves the curve free.
     max_detections: int = Field(20, ge=1)
     nms_iou: float = Field(0.3, gt=0.0, le=1.0)
-    # Predict each image and its mirror and fuse the two (model.fuse_flipped); twice the cost.
+    # Predict each image and its mirror and fuse the two (core/detector.fuse_flipped); twice the cost.
     flip_tta: bool = True
     baseline: BaselineParams = BaselineParams()
 
@@ -253,7 +253,7 @@ ThresholdMetric = Literal["ap50", "ap75", "map", "rsna", "cpm", "sens_at_1fp", "
 
 
 class GateParams(_Section):
-    """Champion/challenger gate (pipeline_steps/governance/stages.py): candidate vs production."""
+    """Champion/challenger gate (pipeline_steps/gate.py): candidate vs production."""
 
     metric: GateMetric = "ap50"
     # Absolute floors the candidate must reach on the test split, whatever production does.

@@ -15,13 +15,10 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import TYPE_CHECKING, TypedDict
+from typing import TypedDict
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-
-if TYPE_CHECKING:
-    pass
 
 from pipeline_steps.core.bootstrap import MetricFn, bootstrap_cis
 from pipeline_steps.core.boxes import box_iou, check_inputs

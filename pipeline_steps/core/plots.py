@@ -29,8 +29,7 @@ from pipeline_steps.core.metrics import (
 )
 
 # --------------------------------------------------------------------------------------------------
-# Plots (the only edge that touches files). Figures are built with matplotlib's object API on the
-# Agg canvas, so no pyplot global state and no display are involved.
+# Plots (each writes its PNG)
 
 
 def _save(fig: Figure, path: str | Path) -> Path:

@@ -6,13 +6,9 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Hashable, Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-
-if TYPE_CHECKING:
-    pass
 
 from pipeline_steps.core.bootstrap import bootstrap_cis
 from pipeline_steps.core.boxes import check_inputs
@@ -139,9 +135,6 @@ def lesion_sensitivity(
             tally[1] += 1
     return {name: (found, total) for name, (found, total) in counts.items()}
 
-
-# --- Stage `test` edge: the held-out split through the trained model and the classical baseline,
-# scored in original DICOM pixels. ---
 
 # Lesion diameter bands for the size breakdown (mm), smallest first.
 SIZE_BANDS_MM: tuple[tuple[str, float], ...] = (("<8mm", 8.0), ("8-12mm", 12.0), ("12-20mm", 20.0))
