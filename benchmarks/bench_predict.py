@@ -55,10 +55,10 @@ def _model(workspace: Path | None):  # type: ignore[no-untyped-def]
     from pipeline_steps.serving.serving import ServingConfig
 
     if workspace is not None:
-        from flows import stages
         from flows.predict import load_model
+        from flows.workspace import open_workspace
 
-        layout, params = stages.open_workspace(workspace)
+        layout, params = open_workspace(workspace)
         loaded = load_model(layout, params)
         return loaded.detector, loaded.config, Provenance(loaded.ref, loaded.data_version, "bench")
     from pipeline_steps.core.detector import build_detector

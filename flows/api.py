@@ -136,7 +136,7 @@ def create_app(
     def predict_file(path: Path, name: str, threshold: float | None) -> dict[str, Any]:
         with served.lock:
             current = served.current
-            cutoff = current.config.test.score_threshold if threshold is None else threshold
+            cutoff = current.config.detection.score_threshold if threshold is None else threshold
             provenance = Provenance(current.ref, current.data_version, code_version)
             (record,) = predict_batch(
                 current.detector,

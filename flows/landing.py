@@ -267,8 +267,7 @@ def ingest_batch(layout: Layout, params: Params, batch: Batch) -> Ingested:
         return Ingested(None, 0, 0, {}, 0)
     images_dir = layout.landing_images
     summaries: list[IngestSummary] = [
-        ingest_directory(images_dir, lab.path, layout, params=params.ingest)
-        for lab in batch.labels
+        ingest_directory(images_dir, lab.path, layout, params=params.ingest) for lab in batch.labels
     ] or [ingest_directory(images_dir, None, layout, params=params.ingest)]
     version = versioning.record_raw(layout)
     commit(layout, batch)

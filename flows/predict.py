@@ -31,10 +31,10 @@ from pipeline_steps.core.errors import DataError, TrackingError
 from pipeline_steps.core.layout import Layout
 from pipeline_steps.governance.ledger import Ledger, open_ledger
 from pipeline_steps.governance.lifecycle import (
-    STAGE_ALIASES,
+    LIFECYCLE_ALIASES,
     TransitionError,
-    parse_stage,
-    stage_of,
+    lifecycle_of,
+    parse_lifecycle,
 )
 from pipeline_steps.serving.prediction import (
     PREDICTION,
@@ -61,7 +61,7 @@ class LoadedModel:
 
 
 def _stage_alias(stage: str) -> str:
-    return STAGE_ALIASES[parse_stage(stage)][0]
+    return LIFECYCLE_ALIASES[parse_lifecycle(stage)][0]
 
 
 def resolve_version(
@@ -77,12 +77,12 @@ def resolve_version(
         alias = _stage_alias(stage or "production")
         if alias not in aliases:
             raise TransitionError(
-                f"no version of {registry.model_name} is in {parse_stage(stage or 'production')}; "
+                f"no version of {registry.model_name} is in {parse_lifecycle(stage or 'production')}; "
                 "promote one (`radflow promote VERSION --to production`) or pass --version N"
             )
         version = aliases[alias]
     info = registry.version(str(version))
-    held = parse_stage(stage) if stage else stage_of(info.version, aliases)
+    held = parse_lifecycle(stage) if stage else lifecycle_of(info.version, aliases)
     ref = ModelRef(registry.model_name, info.version, held, info.run_id)
     return ref, info.tags.get("data_version", "")
 
@@ -236,7 +236,7 @@ def batch_prediction(
     layout, params = open_workspace(Path(workspace))
     files = list_inputs(Path(source))
     model = load_model_task(layout, params, stage=stage, version=version)
-    cutoff = model.config.test.score_threshold if threshold is None else float(threshold)
+    cutoff = model.config.detection.score_threshold if threshold is None else float(threshold)
     provenance = Provenance(model.ref, model.data_version, code_version())
     key = pseudonym_key()
     logger = get_run_logger()

@@ -31,7 +31,7 @@ from pipeline_steps.governance.ledger import (
 )
 from pipeline_steps.governance.lifecycle import (
     ARCHIVED,
-    STAGES,
+    LIFECYCLE,
     AliasOp,
     ConcurrentTransition,
     Move,
@@ -39,12 +39,12 @@ from pipeline_steps.governance.lifecycle import (
     RequirementsNotMet,
     TransitionError,
     UnknownVersion,
-    parse_stage,
+    lifecycle_map,
+    lifecycle_of,
+    parse_lifecycle,
     plan_transition,
     previous_production,
     replay,
-    stage_map,
-    stage_of,
 )
 
 TRANSITION = (
@@ -305,7 +305,7 @@ def promote(
     observed: Mapping[str, str] | None = None,
     evidence: Mapping[str, Any] | None = None,
     rollback: bool = False,
-    allowed: Sequence[str] = STAGES,
+    allowed: Sequence[str] = LIFECYCLE,
 ) -> Transition:
     """Move `version` to `to_stage`, archive what it displaces from production, and record both moves.
 
@@ -313,7 +313,7 @@ def promote(
     once the ledger lock is held, another transition won the race and this one is refused. Errors
     leave the registry and the ledger as they were.
     """
-    stage = parse_stage(to_stage, allowed)
+    stage = parse_lifecycle(to_stage, allowed)
     version = str(version).strip()
     if not reason.strip():
         raise TransitionError("a transition needs a --reason; it is kept in the audit ledger")
@@ -339,7 +339,7 @@ def promote(
                     "another transition won. Nothing was changed: check `radflow models` and "
                     "re-run if you still mean it."
                 )
-            displaced = stage_map(current).get(stage)
+            displaced = lifecycle_map(current).get(stage)
             archived = {
                 v: tag
                 for v in {version, displaced}
@@ -388,7 +388,7 @@ def promote(
 def rollback(registry: ModelRegistry, ledger: Ledger, *, actor: str, reason: str) -> Transition:
     """Production goes back to the version that held it before the current one."""
     current = registry.aliases()
-    live = stage_map(current).get("production")
+    live = lifecycle_map(current).get("production")
     moves = moves_of(transitions(ledger, registry.model_name))
     recorded = replay(moves).get("production")
     if live is None:
@@ -424,9 +424,9 @@ def stages_at(ledger: Ledger, model_name: str, at: datetime) -> dict[str, dict[s
             break  # the chain's times never run backwards (see LedgerWriter.append)
         p = entry.payload
         frm, to = p.get("from_stage"), p.get("to_stage")
-        if frm in STAGES and state.get(frm, {}).get("version") == p["version"]:
+        if frm in LIFECYCLE and state.get(frm, {}).get("version") == p["version"]:
             del state[frm]
-        if to in STAGES:
+        if to in LIFECYCLE:
             state[to] = {
                 "version": p["version"],
                 "since": entry.recorded_at,
@@ -445,7 +445,7 @@ def list_versions(registry: ModelRegistry, ledger: Ledger) -> list[dict[str, Any
         last[str(entry.payload["version"])] = entry
     rows = []
     for info in registry.versions():
-        stage = stage_of(info.version, aliases) or (ARCHIVED if ARCHIVED in info.tags else None)
+        stage = lifecycle_of(info.version, aliases) or (ARCHIVED if ARCHIVED in info.tags else None)
         moved = last.get(info.version)
         rows.append(
             {

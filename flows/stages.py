@@ -15,12 +15,15 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flows import tracking, versioning
+from flows import versioning
 from pipeline_steps.core.config import Params
 from pipeline_steps.core.errors import DataError
 from pipeline_steps.core.layout import Layout
+
+if TYPE_CHECKING:
+    from flows.tracking import Registered
 
 log = logging.getLogger("radflow")
 
@@ -46,6 +49,7 @@ def extract_features(layout: Layout, params: Params, progress: Progress | None =
 
     Without a champion (none yet, or MLflow unreachable) the stage still succeeds, without
     embeddings, and the log says why."""
+    from flows import tracking
     from pipeline_steps import extract_features as step
 
     if not params.extract_features.embeddings:
@@ -95,9 +99,8 @@ def test(layout: Layout, params: Params, progress: Progress | None = None) -> di
     return metrics
 
 
-def register(
-    layout: Layout, params: Params, progress: Progress | None = None
-) -> tracking.Registered:
+def register(layout: Layout, params: Params, progress: Progress | None = None) -> Registered:
+    from flows import tracking
     from pipeline_steps.register import build_registration, read_lineage, read_results
 
     metrics, history = read_results(layout)

@@ -23,7 +23,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from flows import versioning
 from pipeline_steps.core.errors import TrackingError
 from pipeline_steps.core.layout import Layout
 from pipeline_steps.register import Registration
@@ -104,10 +103,6 @@ def public_uri(uri: str) -> str:
     return uri
 
 
-# Kept for flows/stages.py until it calls versioning.data_git_rev; remove then.
-data_git_rev = versioning.data_git_rev
-
-
 def serving_requirements() -> list[str]:
     pins = []
     for name in SERVING_PACKAGES:
@@ -144,7 +139,7 @@ def _log_models(registration: Registration, model_path: Path, scratch: Path) -> 
         name=PYFUNC_NAME,
         python_model=pyfunc.RadiographDetector(),
         artifacts={pyfunc.DETECTOR_ARTIFACT: str(model_path), pyfunc.CONFIG_ARTIFACT: str(config)},
-        signature=pyfunc.signature(registration.serving.test),
+        signature=pyfunc.signature(registration.serving.detection),
         input_example=serving.input_example(),
         pip_requirements=requirements,
         metadata={

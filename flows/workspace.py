@@ -11,9 +11,6 @@ from pipeline_steps.core.config import Params, load_params
 from pipeline_steps.core.errors import WorkspaceError
 from pipeline_steps.core.layout import Layout
 
-# Kept for flows/stages.py until it calls versioning.code_version; remove then.
-code_version = versioning.code_version
-
 WORKSPACE_GITIGNORE = [
     "mlflow.db",
     "mlartifacts/",
@@ -54,11 +51,6 @@ def open_workspace(path: Path | None) -> tuple[Layout, Params]:
     params.yaml fails here, before any work starts."""
     layout = resolve(path)
     return layout, load_params(layout.params_file)
-
-
-def load(layout: Layout) -> Params:
-    """Kept for flows/stages.py until it calls `open_workspace`; remove then."""
-    return load_params(layout.params_file)
 
 
 def _point_code_deps_at_source(dvc_yaml: Path) -> None:

@@ -9,15 +9,17 @@ from dataclasses import dataclass
 
 from pipeline_steps.core.errors import RadflowError
 
-STAGES = ("candidate", "staging", "production")
+LIFECYCLE = ("candidate", "staging", "production")
 # `champion` is the same stage as production, kept as a second alias for models:/name@champion.
-STAGE_ALIASES: dict[str, tuple[str, ...]] = {
+LIFECYCLE_ALIASES: dict[str, tuple[str, ...]] = {
     "candidate": ("candidate",),
     "staging": ("staging",),
     "production": ("production", "champion"),
 }
 SYNONYMS = {"champion": "production"}
-STAGE_OF_ALIAS = {alias: stage for stage, aliases in STAGE_ALIASES.items() for alias in aliases}
+LIFECYCLE_OF_ALIAS = {
+    alias: stage for stage, aliases in LIFECYCLE_ALIASES.items() for alias in aliases
+}
 # Not an alias: a version that left production carries this tag (its value: when it left).
 ARCHIVED = "archived"
 
@@ -26,7 +28,7 @@ class TransitionError(RadflowError):
     """A stage transition was refused; nothing in the registry or the ledger changed."""
 
 
-class UnknownStage(TransitionError):
+class UnknownLifecycle(TransitionError):
     pass
 
 
@@ -43,28 +45,30 @@ class ConcurrentTransition(TransitionError):
 
 
 # --------------------------------------------------------------------------------------------
-# Stages and aliases
+# Lifecycle stages and their aliases
 
 
-def parse_stage(name: str, allowed: Sequence[str] = STAGES) -> str:
+def parse_lifecycle(name: str, allowed: Sequence[str] = LIFECYCLE) -> str:
     stage = SYNONYMS.get(name.strip().lower(), name.strip().lower())
     if stage not in allowed:
-        raise UnknownStage(
+        raise UnknownLifecycle(
             f"unknown stage {name!r}: expected one of {', '.join(allowed)} "
             "(champion means production)"
         )
     return stage
 
 
-def stage_map(aliases: Mapping[str, str]) -> dict[str, str]:
+def lifecycle_map(aliases: Mapping[str, str]) -> dict[str, str]:
     """Stage -> version, read from each stage's first alias (production, not champion)."""
     return {
-        stage: aliases[names[0]] for stage, names in STAGE_ALIASES.items() if names[0] in aliases
+        stage: aliases[names[0]]
+        for stage, names in LIFECYCLE_ALIASES.items()
+        if names[0] in aliases
     }
 
 
-def stage_of(version: str, aliases: Mapping[str, str]) -> str | None:
-    for stage, holder in stage_map(aliases).items():
+def lifecycle_of(version: str, aliases: Mapping[str, str]) -> str | None:
+    for stage, holder in lifecycle_map(aliases).items():
         if holder == version:
             return stage
     return None
@@ -129,8 +133,8 @@ def plan_transition(
     Production can only be left through another version's promotion (or a rollback), which
     archives the one it displaces.
     """
-    to_stage = parse_stage(to_stage)
-    current = stage_of(version, aliases)
+    to_stage = parse_lifecycle(to_stage)
+    current = lifecycle_of(version, aliases)
     if current == to_stage:
         raise TransitionError(f"version {version} is already in {to_stage}; nothing to do")
     if current == "production":
@@ -145,17 +149,21 @@ def plan_transition(
     ops: list[RegistryOp] = []
     after = dict(aliases)
     # Set the new aliases first: each is one atomic write that also takes the stage from its holder.
-    for alias in STAGE_ALIASES[to_stage]:
+    for alias in LIFECYCLE_ALIASES[to_stage]:
         ops.append(AliasOp(alias, version, aliases.get(alias)))
         after[alias] = version
     for alias, holder in sorted(aliases.items()):
-        if holder == version and alias in STAGE_OF_ALIAS and alias not in STAGE_ALIASES[to_stage]:
+        if (
+            holder == version
+            and alias in LIFECYCLE_OF_ALIAS
+            and alias not in LIFECYCLE_ALIASES[to_stage]
+        ):
             ops.append(AliasOp(alias, None, version))
             del after[alias]
     moves = [Move(version, current or (ARCHIVED if version in archived else None), to_stage)]
     if version in archived:
         ops.append(TagOp(version, ARCHIVED, None, archived[version]))
-    displaced = stage_map(aliases).get(to_stage)
+    displaced = lifecycle_map(aliases).get(to_stage)
     if displaced is not None and displaced != version:
         if to_stage == "production":
             moves.append(Move(displaced, "production", ARCHIVED))
@@ -169,9 +177,9 @@ def replay(moves: Iterable[Move]) -> dict[str, str]:
     """Stage -> version after the moves, in order (the state the ledger says the registry is in)."""
     state: dict[str, str] = {}
     for move in moves:
-        if move.from_stage in STAGES and state.get(move.from_stage) == move.version:
+        if move.from_stage in LIFECYCLE and state.get(move.from_stage) == move.version:
             del state[move.from_stage]
-        if move.to_stage in STAGES:
+        if move.to_stage in LIFECYCLE:
             state[move.to_stage] = move.version
     return state
 

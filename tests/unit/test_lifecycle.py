@@ -13,12 +13,12 @@ from pipeline_steps.governance.lifecycle import (
     Move,
     TagOp,
     TransitionError,
-    UnknownStage,
-    parse_stage,
+    UnknownLifecycle,
+    lifecycle_map,
+    parse_lifecycle,
     plan_transition,
     previous_production,
     replay,
-    stage_map,
 )
 
 WHEN = "2026-11-23T10:00:00.000000+00:00"
@@ -39,12 +39,12 @@ def _apply(aliases: dict[str, str], tags: dict[str, dict[str, str]], ops) -> Non
 
 
 def test_stage_names_and_the_champion_synonym():
-    assert parse_stage("Production") == "production"
-    assert parse_stage("champion") == "production"
-    with pytest.raises(UnknownStage, match="candidate, staging, production"):
-        parse_stage("prod")
-    with pytest.raises(UnknownStage, match="staging, production"):
-        parse_stage("candidate", allowed=("staging", "production"))
+    assert parse_lifecycle("Production") == "production"
+    assert parse_lifecycle("champion") == "production"
+    with pytest.raises(UnknownLifecycle, match="candidate, staging, production"):
+        parse_lifecycle("prod")
+    with pytest.raises(UnknownLifecycle, match="staging, production"):
+        parse_lifecycle("candidate", allowed=("staging", "production"))
 
 
 def test_promotion_to_production_moves_both_aliases_and_archives_the_old_champion():
@@ -64,7 +64,7 @@ def test_every_plan_keeps_one_stage_per_version():
     aliases = {"production": "1", "champion": "1", "staging": "2", "candidate": "3"}
     for version, stage in [("3", "staging"), ("3", "production"), ("4", "candidate")]:
         after = plan_transition(aliases, {}, version, stage, WHEN).aliases_after
-        held = [v for v in stage_map(after).values()]
+        held = [v for v in lifecycle_map(after).values()]
         assert len(held) == len(set(held)), (version, stage, after)
 
 

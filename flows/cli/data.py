@@ -1,0 +1,292 @@
+"""`radflow init | synth | ingest | run | step`: a workspace, its data, and the training run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flows.cli.common import progress_bar, workspace_dir
+from flows.stages import STAGES
+
+if TYPE_CHECKING:
+    from pipeline_steps.core.config import Params
+    from pipeline_steps.core.layout import Layout
+
+log = logging.getLogger("radflow")
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from flows import workspace
+
+    layout = workspace.init(Path(args.dir or args.workspace or "."))
+    print(f"workspace ready: {layout.root}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from pipeline_steps.core.config import SynthParams, load_params
+    from pipeline_steps.core.layout import Layout
+    from pipeline_steps.synthetic import generate_dataset
+
+    # Any folder will do: its params.yaml's synth section when it has one, else the defaults.
+    params_file = Layout(Path(args.workspace or ".")).params_file
+    synth = load_params(params_file).synth if params_file.exists() else SynthParams()
+    with progress_bar("synth") as bar:
+        summary = generate_dataset(
+            synth,
+            Path(args.out),
+            n_images=args.n_images,
+            seed=args.seed,
+            progress=bar,
+            workers=args.workers or os.cpu_count() or 1,
+        )
+    print(
+        f"wrote {summary.n_images} images of {summary.n_patients} patients "
+        f"({summary.n_positive} with findings, {summary.n_boxes} boxes) to {args.out}"
+    )
+    return 0
+
+
+def _ingest(
+    layout: Layout,
+    params: Params,
+    dicom_dir: Path,
+    labels: Path | None,
+    replace: bool,
+    label_format: str = "auto",
+) -> dict[str, object]:
+    """Archive, scan and label one folder, then record the data version; the summary as a dict."""
+    from flows import versioning
+    from pipeline_steps.ingest import ingest_directory
+
+    with progress_bar("ingest") as bar:
+        summary = ingest_directory(
+            dicom_dir,
+            labels,
+            layout,
+            replace=replace,
+            progress=bar,
+            params=params.ingest,
+            label_format=label_format,
+        )
+    version = versioning.record_raw(layout)
+    return {
+        "seen": summary.seen,
+        "accepted": summary.accepted,
+        "quarantined": summary.quarantined,
+        "labels": summary.labels_imported,
+        "data_version": version,
+        "added": summary.added,
+        "skipped_existing": summary.skipped_existing,
+        "label_format": summary.label_format,
+        "label_rows": summary.label_rows,
+        "reader_rows": summary.reader_rows,
+        "label_issues": summary.label_issues,
+        "labels_without_image": summary.labels_without_image,
+        "labels_for_quarantined": summary.labels_for_quarantined,
+        "unlabelled": len(summary.unlabelled),
+        "issues_file": (
+            str(summary.issues_file.relative_to(layout.root)) if summary.issues_file else None
+        ),
+    }
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from flows import workspace
+
+    layout, params = workspace.open_workspace(workspace_dir(args))
+    result = _ingest(
+        layout,
+        params,
+        Path(args.dicom_dir),
+        Path(args.labels) if args.labels else None,
+        args.replace,
+        label_format=args.label_format,
+    )
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    quarantined = result["quarantined"]
+    assert isinstance(quarantined, dict)
+    reasons = ", ".join(f"{reason} {count}" for reason, count in quarantined.items())
+    lines = [
+        f"seen {result['seen']} files: {result['accepted']} accepted, "
+        f"{sum(quarantined.values())} quarantined" + (f" ({reasons})" if reasons else ""),
+        f"  archived {result['added']} new, {result['skipped_existing']} already present "
+        "(rejected files are kept, unmodified)",
+    ]
+    if result["label_format"]:
+        issues = result["label_issues"]
+        assert isinstance(issues, dict)
+        fused = (
+            f" (fused from {result['reader_rows']} reader rows)" if result["reader_rows"] else ""
+        )
+        lines.append(
+            f"labels ({result['label_format']}): {result['labels']} rows imported{fused}, "
+            f"{result['label_rows']} in the dataset"
+        )
+        if issues:
+            detail = ", ".join(f"{kind} {count}" for kind, count in issues.items())
+            lines.append(f"  not imported: {detail}; see {result['issues_file']}")
+        if result["labels_for_quarantined"]:
+            lines.append(
+                f"  {result['labels_for_quarantined']} imported rows belong to quarantined images"
+            )
+    else:
+        lines.append("labels: none given")
+    if result["unlabelled"]:
+        lines.append(f"  {result['unlabelled']} accepted images have no label row (unlabelled)")
+    lines.append(f"data version: {result['data_version']}")
+    print("\n".join(lines))
+    return 0
+
+
+def _ensure_data(layout: Layout, params: Params) -> None:
+    """A workspace without data gets the deterministic default dataset, recorded like any ingest."""
+    from pipeline_steps.synthetic import generate_dataset
+
+    if layout.raw_dvc.exists():
+        return
+    staging = layout.synth_staging
+    shutil.rmtree(staging, ignore_errors=True)
+    log.info("no data yet: synthesizing the default dataset (%d images)", params.synth.n_images)
+    with progress_bar("synth") as bar:
+        # Byte-identical to a serial run (tested), so the data version is the same on every machine.
+        summary = generate_dataset(params.synth, staging, progress=bar, workers=os.cpu_count() or 1)
+    result = _ingest(layout, params, summary.images_dir, summary.labels_path, replace=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    log.info("default dataset recorded: data version %s", result["data_version"])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows import retraining, versioning, workspace
+
+    # A bad params.yaml fails here, before any work starts.
+    layout, params = workspace.open_workspace(workspace_dir(args))
+    _ensure_data(layout, params)
+    # Like `dvc repro`: nothing changed since the last successful run -> nothing to do.
+    outcome = retraining.retrain_if_stale(
+        layout,
+        params,
+        force=args.force,
+        on_stale=lambda verdict: log.info("training: %s", verdict.reason),
+    )
+    if not outcome.trained:
+        done = outcome.decision.run_summary()
+        print(
+            json.dumps(done)
+            if args.json
+            else f"up to date: model version {done['model_version']}\n{outcome.decision.reason}\n"
+            "(radflow run --force retrains anyway)"
+        )
+        return 0
+    assert outcome.registered is not None and outcome.last is not None
+    result, metrics = outcome.registered, outcome.last.metrics
+    summary = {
+        "run_id": result["run_id"],
+        "model_name": result["model_name"],
+        "model_version": result["model_version"],
+        "data_version": versioning.data_version(layout),
+        "metrics": metrics,
+        # The champion/challenger decision on this version (the flow's `gate` step).
+        "gate": outcome.gate,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        headline = ", ".join(
+            f"{k}={metrics[k]:.3f}"
+            for k in ("ap50", "sens_at_1fp", "cpm", "auroc")
+            if metrics.get(k) is not None
+        )
+        print(
+            f"registered {summary['model_name']} version {summary['model_version']} "
+            f"(run {summary['run_id']})\n"
+            f"data version {summary['data_version']}\n"
+            f"test metrics: {headline}\n"
+            + (
+                f"gate: {summary['gate']['reason']}; now in "
+                f"{(summary['gate']['stages'] or ['candidate'])[-1]}\n"
+                if summary["gate"]
+                else ""
+            )
+            + f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{layout.mlflow_db}\n"
+            f"reports: {layout.reports}"
+        )
+    return 0
+
+
+def cmd_step(args: argparse.Namespace) -> int:
+    from flows import stages, workspace
+
+    layout, params = workspace.open_workspace(workspace_dir(args))
+    with progress_bar(args.stage) as bar:
+        result = stages.run_stage(args.stage, layout, params, bar)
+    log.info(
+        "stage %s done: %s", args.stage, getattr(result, "__dict__", None) or type(result).__name__
+    )
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "init", help="make DIR a radflow workspace (git + DVC, params.yaml, dvc.yaml)"
+    )
+    p.add_argument("dir", nargs="?")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser(
+        "synth", help="write synthetic chest-radiograph DICOMs and RSNA-format labels"
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("--n-images", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--workers", type=int, help="processes (default: one per core; output is identical)"
+    )
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser(
+        "ingest", help="add DICOMs (and labels) to data/raw and record a data version"
+    )
+    p.add_argument("--dicom-dir", required=True)
+    p.add_argument(
+        "--labels",
+        help="optional label CSV: RSNA (patientId,x,y,width,height,Target), VinDr-CXR "
+        "(image_id,class_name,class_id,rad_id,x_min,y_min,x_max,y_max) or canonical "
+        "(image_id,label,x_min,y_min,x_max,y_max), keyed by DICOM file name without extension",
+    )
+    p.add_argument(
+        "--label-format",
+        choices=["auto", "rsna", "vindr", "canonical"],
+        default="auto",
+        help="format of --labels (default: detected from the header)",
+    )
+    p.add_argument(
+        "--replace", action="store_true", help="start the dataset over instead of appending"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser(
+        "run", help="the main job: data (default synthetic) -> trained, registered model"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON summary object")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="train even when data, params and code are unchanged since the last run",
+    )
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("step", help="run one pipeline stage without Prefect (used by dvc.yaml)")
+    p.add_argument(
+        "stage",
+        choices=list(STAGES),
+    )
+    p.set_defaults(func=cmd_step)

@@ -1,0 +1,156 @@
+"""`radflow predict | serve-api | audit | trace`: predictions, the online API, the audit ledger and
+traces."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from flows.cli.common import instant, workspace_dir
+
+
+def unit_interval(text: str) -> float:
+    """A --threshold: a number within [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number within [0, 1]")
+    return value
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from flows import workspace
+    from flows.predict import batch_prediction
+
+    # A bad params.yaml fails here, before Prefect starts.
+    layout, _ = workspace.open_workspace(workspace_dir(args))
+    summary = batch_prediction(
+        str(layout.root),
+        args.input,  # kept as given: records name each image by the path the caller used
+        str(Path(args.out).resolve()),
+        stage=args.stage,
+        version=args.version,
+        threshold=args.threshold,
+        sr_out=str(Path(args.sr_out).resolve()) if args.sr_out else None,
+        progress_bar=not args.json,
+    )
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        m = summary["model"]
+        print(
+            f"{summary['predicted']} image(s) predicted, {summary['failed']} failed, "
+            f"{summary['boxes']} box(es) by {m['name']} version {m['version']} "
+            f"({m['stage'] or 'no stage'})\n"
+            f"records: {summary['out']}\n"
+            f"ledger rows: {summary['ledger_rows']}"
+            + (f"\nDICOM SR: {summary['reports']} file(s) in {args.sr_out}" if args.sr_out else "")
+        )
+    return 1 if summary["failed"] and not summary["predicted"] else 0
+
+
+def cmd_serve_api(args: argparse.Namespace) -> int:
+    from flows import api, workspace
+
+    layout, params = workspace.open_workspace(workspace_dir(args))
+    api.serve(
+        layout, params, host=args.host, port=args.port, stage=args.stage, poll_s=args.poll_seconds
+    )
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from flows import audit, workspace
+
+    # Verifying or exporting the ledger needs no params: a broken params.yaml does not stop an audit.
+    layout = workspace.resolve(workspace_dir(args))
+    if args.action == "verify":
+        result = audit.verify(layout)
+        if args.json:
+            print(json.dumps(result.__dict__))
+        elif result.ok:
+            print(f"ledger intact: {result.rows} row(s) verified; head {result.head}")
+        else:
+            print(
+                f"ledger BROKEN at row {result.first_bad}: {result.problem}\n"
+                f"({result.rows} row(s) before it verified; last good hash {result.head})",
+                file=sys.stderr,
+            )
+        return 0 if result.ok else 1
+    if args.out:
+        out = Path(args.out)
+        partial = out.with_name(out.name + ".partial")
+        with partial.open("w", encoding="utf-8") as fh:
+            count = audit.export(layout, fh, since=args.since, until=args.until, kind=args.kind)
+        os.replace(partial, out)
+        print(f"{count} ledger row(s) written to {out}", file=sys.stderr)
+    else:
+        count = audit.export(layout, sys.stdout, since=args.since, until=args.until, kind=args.kind)
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from flows import audit, workspace
+
+    layout, params = workspace.open_workspace(workspace_dir(args))
+    result = audit.trace(layout, params, args.prediction_id)
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        for line in audit.format_trace(result):
+            print(line)
+    return 1 if any(ok is False for ok in result["checks"].values()) else 0
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "predict", help="predict a DICOM file or folder with a registered model (JSON lines)"
+    )
+    p.add_argument("--input", required=True, metavar="DIR|FILE")
+    p.add_argument("--out", required=True, metavar="FILE.jsonl")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--stage", choices=["production", "staging", "candidate"], help="default: production"
+    )
+    which.add_argument("--version", metavar="N")
+    p.add_argument(
+        "--threshold", type=unit_interval, help="score threshold (default: the model's own)"
+    )
+    p.add_argument(
+        "--sr-out", metavar="DIR", help="also write one DICOM SR (TID 1500) per image here"
+    )
+    p.add_argument("--json", action="store_true", help="print the summary as JSON, no bar")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve-api", help="HTTP API: POST /predict, GET /healthz (FastAPI)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--stage", default="production", choices=["production", "staging"])
+    p.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=10.0,
+        help="how often to check whether the stage's alias moved (0: never)",
+    )
+    p.set_defaults(func=cmd_serve_api)
+
+    p = sub.add_parser("audit", help="verify or export the audit ledger")
+    p.add_argument("action", choices=["verify", "export"])
+    p.add_argument("--since", type=instant, metavar="TIME", help="export: from (ISO-8601)")
+    p.add_argument("--until", type=instant, metavar="TIME", help="export: until (ISO-8601)")
+    p.add_argument("--kind", help="export: only rows of this kind (prediction, transition, gate)")
+    p.add_argument("--out", metavar="FILE.jsonl", help="export: write here instead of stdout")
+    p.add_argument("--json", action="store_true", help="verify: print the result as JSON")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser(
+        "trace", help="a prediction's model, run, data version, validation and training images"
+    )
+    p.add_argument("prediction_id")
+    p.add_argument("--json", action="store_true", help="one machine-readable object")
+    p.set_defaults(func=cmd_trace)

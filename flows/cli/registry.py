@@ -1,0 +1,177 @@
+"""`radflow models | promote | rollback`: the model registry's versions, stages and their history."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from flows.cli.common import instant, workspace_dir
+
+
+@contextmanager
+def _governance(args: argparse.Namespace) -> Iterator[tuple[object, object]]:
+    """The workspace's registry and ledger. MLflow's HTTP retries are kept short here (unless set),
+    so an unreachable server is reported in seconds rather than minutes."""
+    from flows import registry, workspace
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    layout, params = workspace.open_workspace(workspace_dir(args))
+    with registry.governance(layout, params) as pair:
+        yield pair
+
+
+def _short(value: object, width: int = 12) -> str:
+    text = "-" if value is None or value == "" else str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from flows import registry
+
+    with _governance(args) as (reg, ledger):
+        assert isinstance(reg, registry.ModelRegistry)
+        if args.action == "history" or args.at is not None:
+            return _print_history(args, reg, ledger)
+        rows = registry.list_versions(reg, ledger)  # type: ignore[arg-type]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print(f"no versions of {reg.model_name} yet; `radflow run` registers one")
+        return 0
+    print(
+        f"{'version':>7}  {'stage':<10}  {'ap50':>6}  {'cpm':>6}  {'gate':<6}  "
+        f"{'data_version':<12}  {'created (UTC)':<16}  promoted by"
+    )
+    for row in rows:
+        metrics = row["metrics"]
+        ap50, cpm = metrics.get("ap50"), metrics.get("cpm")
+        by = f"{row['promoted_by']} {row['promoted_at'][:16]}" if row["promoted_by"] else "-"
+        print(
+            f"{row['version']:>7}  {_short(row['stage'], 10):<10}  "
+            f"{'-' if ap50 is None else f'{ap50:.3f}':>6}  {'-' if cpm is None else f'{cpm:.3f}':>6}  "
+            f"{_short(row['gate'], 6):<6}  {_short(row['data_version']):<12}  "
+            f"{row['created'][:16].replace('T', ' '):<16}  {by}"
+        )
+    return 0
+
+
+def _print_history(args: argparse.Namespace, reg: object, ledger: object) -> int:
+    from flows import registry
+    from pipeline_steps.governance.ledger import Ledger, timestamp
+
+    assert isinstance(reg, registry.ModelRegistry) and isinstance(ledger, Ledger)
+    if args.at is not None:
+        state = registry.stages_at(ledger, reg.model_name, args.at)
+        answer = {"model": reg.model_name, "at": timestamp(args.at), "stages": state}
+        if args.json:
+            print(json.dumps(answer))
+            return 0
+        print(f"{reg.model_name} at {answer['at']}:")
+        for stage in ("production", "staging", "candidate"):
+            held = state.get(stage)
+            print(
+                f"  {stage:<10} "
+                + (
+                    f"version {held['version']} (since {held['since']}, by {held['actor']}: "
+                    f"{held['reason']}; ledger row {held['ledger_row']})"
+                    if held
+                    else "none"
+                )
+            )
+        return 0
+    entries = registry.transitions(ledger, reg.model_name)
+    if args.json:
+        print(json.dumps([e.as_dict() for e in entries]))
+        return 0
+    if not entries:
+        print(f"no stage transitions of {reg.model_name} recorded yet")
+    for e in entries:
+        p = e.payload
+        flags = " [forced]" if p.get("forced") else ""
+        flags += " [rollback]" if p.get("cause") == "rollback" else ""
+        print(
+            f"{e.seq:>5}  {e.recorded_at[:19].replace('T', ' ')}  version {p['version']:>4}  "
+            f"{p.get('from_stage') or 'none':>10} -> {p.get('to_stage') or 'none':<10}  "
+            f"{p.get('actor')}: {p.get('reason')}{flags}"
+        )
+    return 0
+
+
+def _print_transition(done: object) -> None:
+    from flows import registry
+
+    assert isinstance(done, registry.Transition)
+    for move, entry in zip(done.moves, done.entries, strict=True):
+        print(
+            f"version {move.version}: {move.from_stage or 'none'} -> {move.to_stage or 'none'} "
+            f"(ledger row {entry.seq})"
+        )
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from flows import registry
+
+    with _governance(args) as (reg, ledger):
+        done = registry.promote(
+            reg,  # type: ignore[arg-type]
+            ledger,  # type: ignore[arg-type]
+            args.version,
+            args.to,
+            actor=args.actor or registry.default_actor(),
+            reason=args.reason,
+            force=args.force,
+            allowed=("staging", "production"),
+        )
+    _print_transition(done)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from flows import registry
+
+    with _governance(args) as (reg, ledger):
+        done = registry.rollback(
+            reg,  # type: ignore[arg-type]
+            ledger,  # type: ignore[arg-type]
+            actor=args.actor or registry.default_actor(),
+            reason=args.reason,
+        )
+    _print_transition(done)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "models", help="model versions with stage, metrics, data version and who promoted them"
+    )
+    p.add_argument("action", nargs="?", choices=["history"], help="history: every stage transition")
+    p.add_argument(
+        "--at",
+        type=instant,
+        metavar="TIME",
+        help="with history: which version held each stage at TIME (ISO-8601; UTC if no zone)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("promote", help="move a model version to staging or production")
+    p.add_argument("version")
+    p.add_argument("--to", required=True, metavar="STAGE", help="staging | production")
+    p.add_argument("--reason", required=True, help="why; kept in the audit ledger")
+    p.add_argument("--actor", help="who (default: $RADFLOW_ACTOR, else the login name)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="promote to production without a passed gate or data validation (recorded)",
+    )
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("rollback", help="put the previous production version back in production")
+    p.add_argument("--reason", required=True, help="why; kept in the audit ledger")
+    p.add_argument("--actor", help="who (default: $RADFLOW_ACTOR, else the login name)")
+    p.set_defaults(func=cmd_rollback)

@@ -1,0 +1,241 @@
+"""MLflow edge of the `gate` stage: the registered candidate and the production version scored on the
+same test images, the champion/challenger decision recorded in the audit ledger, and the candidate
+moved as it says.
+
+The rules (what passes, where a pass goes) are pure functions in `pipeline_steps/gate.py`; the moves
+are `flows/registry.py`'s transitions, so each is in the ledger like a manual promotion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from flows.registry import (
+    GATE,
+    GATE_TAGS,
+    gate_evidence,
+    governance,
+    promote,
+)
+from flows.tracking import load_pyfunc, public_uri, tracking_uri
+from pipeline_steps.core.config import Params
+from pipeline_steps.core.errors import DataError, TrackingError
+from pipeline_steps.core.layout import Layout
+from pipeline_steps.gate import Check, GateResult, evaluate_gate
+from pipeline_steps.governance.ledger import jsonable
+from pipeline_steps.governance.lifecycle import ARCHIVED, TagOp, lifecycle_map, lifecycle_of
+from pipeline_steps.serving.serving import INPUT_COLUMN
+
+PIPELINE_ACTOR = "radflow-pipeline"
+# What a run summary (`radflow run`, the nightly flow) shows of the decision in reports/gate.json.
+DECISION_KEYS = ("passed", "reason", "stages", "production_version")
+
+
+@dataclass(frozen=True)
+class TestSet:
+    __test__ = False  # not a pytest class
+
+    paths: list[str]
+    gts: list[np.ndarray]
+    patients: list[str]
+    content_hashes: list[str]
+
+    @property
+    def digest(self) -> str:
+        """Identity of the images both models were scored on."""
+        return hashlib.sha256("\n".join(sorted(self.content_hashes)).encode()).hexdigest()
+
+
+def load_test_set(layout: Layout) -> TestSet:
+    """The test split of the current data version: raw DICOM paths and original-pixel boxes."""
+    import pandas as pd
+
+    for path in (layout.manifest, layout.metadata, layout.labels):
+        if not path.exists():
+            raise DataError(f"{path}: missing. Run the pipeline up to `test` first.")
+    manifest = pd.read_parquet(layout.manifest)
+    test = manifest[manifest["split"] == "test"].sort_values("image_id")
+    if test.empty:
+        raise DataError(
+            f"{layout.manifest}: the test split is empty; the gate has nothing to score"
+        )
+    files = pd.read_parquet(layout.metadata, columns=["image_id", "file"]).set_index("image_id")
+    labels = pd.read_parquet(layout.labels).dropna(subset=["x_min"])
+    truth = {
+        str(k): g[["x_min", "y_min", "x_max", "y_max"]].to_numpy(float)
+        for k, g in labels.groupby("image_id")
+    }
+    return TestSet(
+        paths=[str(layout.raw / str(files.loc[i, "file"])) for i in test["image_id"]],
+        gts=[truth.get(str(i), np.zeros((0, 4))) for i in test["image_id"]],
+        patients=[str(p) for p in test["patient_pseudonym"]],
+        content_hashes=[str(h) for h in test["content_hash"]],
+    )
+
+
+def predict_registered(
+    layout: Layout, model_name: str, version: str, paths: Sequence[str], threshold: float
+) -> list[np.ndarray]:
+    """(k, 5) boxes per path in original pixels, from the registered pyfunc of `version`."""
+    import pandas as pd
+
+    try:
+        model = load_pyfunc(layout, model_name, version)
+    except Exception as exc:
+        raise TrackingError(
+            f"cannot load {model_name} version {version} from {public_uri(tracking_uri(layout))}: "
+            f"{str(exc).splitlines()[0][:300]}"
+        ) from None
+    schema = model.metadata.get_input_schema()
+    if schema is None or schema.input_names() != [INPUT_COLUMN]:
+        raise IncomparableModel(
+            f"version {version} does not take DICOM input (registered before radflow's pyfunc?), "
+            "so the gate cannot score it; promote explicitly if it should stay or go"
+        )
+    out = model.predict(
+        pd.DataFrame({INPUT_COLUMN: list(paths)}), params={"score_threshold": threshold}
+    )
+    failed = [e for e in out["error"] if e]
+    if failed:
+        raise DataError(
+            f"version {version} could not read {len(failed)} test image(s) "
+            f"(first: {failed[0]}); the gate needs every image scored by both models"
+        )
+    return [
+        np.array(
+            [[b["x_min"], b["y_min"], b["x_max"], b["y_max"], b["score"]] for b in boxes],
+            dtype=np.float64,
+        ).reshape(-1, 5)
+        for boxes in out["boxes"]
+    ]
+
+
+class IncomparableModel(TrackingError):
+    """The production version is not a DICOM pyfunc, so the gate cannot score it."""
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    version: str
+    production_version: str | None
+    result: GateResult
+    ledger_row: int
+    stages: tuple[str, ...]  # stages the version moved to after the decision
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "production_version": self.production_version,
+            "ledger_row": self.ledger_row,
+            "stages": list(self.stages),
+            **self.result.as_dict(),
+        }
+
+
+def run_gate(
+    layout: Layout,
+    params: Params,
+    version: str,
+    *,
+    actor: str = PIPELINE_ACTOR,
+    data_version: str = "",
+    run_id: str = "",
+) -> GateOutcome:
+    """Make `version` the candidate, score it and production on the same test images, decide, record
+    the decision, and promote as the decision says. Safe to re-run: moves already made are skipped."""
+    gate_params = params.register_.gate
+    name = params.register_.model_name
+    with governance(layout, params) as (registry, ledger):
+        aliases = registry.aliases()
+        if (
+            lifecycle_of(version, aliases) is None
+            and ARCHIVED not in registry.version(version).tags
+        ):
+            promote(
+                registry,
+                ledger,
+                version,
+                "candidate",
+                actor=actor,
+                reason=f"registered by training run {run_id or '?'}",
+                observed=aliases,
+            )
+        production = lifecycle_map(registry.aliases()).get("production")
+        if production == version:
+            production = None
+        test = load_test_set(layout)
+        floor = params.test.metrics_score_floor  # the whole score curve, as the test stage sees it
+        candidate = predict_registered(layout, name, version, test.paths, floor)
+        try:
+            champion = (
+                predict_registered(layout, name, production, test.paths, floor)
+                if production
+                else None
+            )
+            result = evaluate_gate(candidate, champion, test.gts, test.patients, gate_params)
+        except IncomparableModel as exc:
+            # No comparison, no pass: the decision is recorded and a person decides.
+            alone = evaluate_gate(candidate, None, test.gts, test.patients, gate_params)
+            checks = (*alone.checks[:-1], Check("champion", False, str(exc)))
+            result = replace(
+                alone, passed=False, promote_to=(), checks=checks, reason=f"failed: {exc}"
+            )
+        entry = ledger.append(
+            GATE,
+            f"{name}:{version}",
+            {
+                "model": name,
+                "version": version,
+                "production_version": production,
+                "data_version": data_version,
+                "test_set": test.digest,
+                "actor": actor,
+                **result.as_dict(),
+            },
+        )
+        tags = registry.version(version).tags
+        registry.apply(
+            [
+                TagOp(version, key, value, tags.get(key))
+                for key, value in zip(
+                    GATE_TAGS,
+                    ("passed" if result.passed else "failed", str(entry.seq)),
+                    strict=True,
+                )
+            ]
+        )
+        moved = []
+        for stage in result.promote_to:
+            if lifecycle_of(version, registry.aliases()) == stage:
+                continue
+            promote(
+                registry,
+                ledger,
+                version,
+                stage,
+                actor=actor,
+                reason=f"gate {result.reason}",
+                evidence=gate_evidence(entry),
+            )
+            moved.append(stage)
+    outcome = GateOutcome(version, production, result, entry.seq, tuple(moved))
+    layout.gate_report.parent.mkdir(parents=True, exist_ok=True)
+    layout.gate_report.write_text(json.dumps(jsonable(outcome.as_dict()), indent=2, sort_keys=True))
+    return outcome
+
+
+def recorded_decision(layout: Layout, version: str) -> dict[str, Any] | None:
+    """The gate's decision on `version` as reports/gate.json holds it (None: not this version's),
+    in the few keys a run summary shows."""
+    if not layout.gate_report.exists():
+        return None
+    report = json.loads(layout.gate_report.read_text())
+    if not report or str(report.get("version")) != str(version):
+        return None
+    return {key: report.get(key) for key in DECISION_KEYS}

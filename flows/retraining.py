@@ -1,0 +1,70 @@
+"""Retrain if stale: the run decision, then the training pipeline (with its gate) and the record of a
+successful run. The one rule behind `radflow run` and the nightly flow; each says the outcome its own way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flows import decision, gate, versioning
+from flows.decision import Decision, Fingerprint, LastRun
+from pipeline_steps.core.config import Params
+from pipeline_steps.core.layout import Layout
+
+Check = Callable[[Layout, Params, bool], Decision]
+Record = Callable[[Layout, Fingerprint, dict[str, Any]], LastRun]
+
+
+@dataclass(frozen=True)
+class Retraining:
+    """What `retrain_if_stale` did: nothing (up to date), or a new registered version."""
+
+    decision: Decision
+    registered: dict[str, Any] | None = None  # the training pipeline's result; None: up to date
+    last: LastRun | None = None  # the record of this run (its metrics included)
+    gate: dict[str, Any] | None = None  # the gate's decision on the new version, if it made one
+
+    @property
+    def trained(self) -> bool:
+        return self.registered is not None
+
+
+def record_run(layout: Layout, fp: Fingerprint, registered: dict[str, Any]) -> LastRun:
+    """After a successful training run: its outputs in dvc.lock (so `dvc status` agrees), then what
+    it was trained on and what it registered, as the workspace's last successful run."""
+    versioning.commit_stages(layout)
+    metrics = json.loads(layout.metrics.read_text())
+    return decision.record_success(layout, fp, registered, metrics)
+
+
+def retrain_if_stale(
+    layout: Layout,
+    params: Params,
+    force: bool = False,
+    *,
+    check: Check = decision.check,
+    record: Record = record_run,
+    on_stale: Callable[[Decision], None] | None = None,
+) -> Retraining:
+    """Decide; when the model is stale (or `force`), run the training pipeline and record the run.
+
+    The nightly flow passes Prefect tasks as `check` and `record` (retries, task runs in the UI).
+    `on_stale` hears the decision before training starts, so a run that fails still knows why it ran.
+    """
+    verdict = check(layout, params, force)
+    if verdict.up_to_date:
+        return Retraining(verdict)
+    if on_stale is not None:
+        on_stale(verdict)
+    # Imported here: the training flow's modules cost ~1 s, which a skipped run (and every importer
+    # of flows.nightly, e.g. `radflow server start`) does not need.
+    from flows.pipeline import training_pipeline
+
+    registered = training_pipeline(str(layout.root))
+    last = record(layout, verdict.fingerprint, registered)
+    return Retraining(
+        verdict, registered, last, gate.recorded_decision(layout, str(registered["model_version"]))
+    )
