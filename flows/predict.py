@@ -2,7 +2,7 @@
 folder of DICOMs, one JSON line per image, every prediction in the audit ledger before it is written.
 
 The model is resolved in the registry (a stage's alias or a version number) and loaded from MLflow;
-reading, screening and inference are `pipeline_steps/governance/prediction.py`, i.e. the training
+reading, screening and inference are `pipeline_steps/serving/prediction.py`, i.e. the training
 code's own reader and transforms. Per chunk: predict, append to the ledger (one transaction), then
 write the lines; the JSONL file appears under its name only when the whole batch is done.
 """

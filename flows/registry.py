@@ -1,7 +1,7 @@
 """MLflow edge of the model registry: stages as aliases, every move recorded in the audit ledger.
 
 The rules (which aliases move, what a gate needs) are pure functions in
-`pipeline_steps/governance/stages.py`; this module reads MLflow, applies their plans and records them.
+`pipeline_steps/governance/lifecycle.py`; this module reads MLflow, applies their plans and records them.
 A transition holds the ledger's write lock from reading the registry to committing its ledger rows, so
 two racing promotions serialize and the one that finds the registry changed under it fails cleanly.
 """

@@ -1,7 +1,7 @@
 """MLflow edge: the tracking store of a workspace, the one MLflow client factory and pyfunc loader of
 flows/ (the only module here that imports MLflow), and logging + registering a trained model.
 
-A model version is the pyfunc of `pipeline_steps/governance/pyfunc.py` (DICOM in, boxes in original
+A model version is the pyfunc of `pipeline_steps/serving/pyfunc.py` (DICOM in, boxes in original
 pixels out), with a Keras-native copy in the same run, lineage tags, the training manifest as an
 artifact and the data version as the run's dataset input.
 """

@@ -21,7 +21,7 @@ WORKSPACE_GITIGNORE = [
     "/models/detector.keras",
     "/reports/test_predictions.parquet",
     "/reports/baseline_predictions.parquet",
-    # champion-model embeddings: derived from the registry's model, not DVC-tracked (features.py)
+    # champion-model embeddings: derived from the registry's model, not DVC-tracked (extract_features.py)
     "/data/features/embeddings.parquet",
     # Great Expectations Data Docs: rebuilt on every validation, browsed locally
     "/reports/data_docs/",
