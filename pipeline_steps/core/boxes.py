@@ -50,8 +50,11 @@ def box_iou(a: ArrayLike, b: ArrayLike) -> FloatArray:
 
     Two zero-area boxes have IoU 0 (not nan).
     """
-    a = as_boxes(a, 4, "a")
-    b = as_boxes(b, 4, "b")
+    return _pairwise_iou(as_boxes(a, 4, "a"), as_boxes(b, 4, "b"))
+
+
+def _pairwise_iou(a: FloatArray, b: FloatArray) -> FloatArray:
+    """`box_iou` on arrays already checked."""
     width = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
     height = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
     inter = np.clip(width, 0.0, None) * np.clip(height, 0.0, None)
@@ -67,6 +70,8 @@ def non_max_suppression(boxes: ArrayLike, iou_threshold: float, limit: int) -> n
     A box is dropped when its IoU with a kept, higher-scoring box exceeds ``iou_threshold``."""
     given = np.asarray(boxes)
     checked = as_boxes(given, 5, "boxes")
+    # One IoU matrix up front: n is small (the decoder's top-k, the baseline's candidates).
+    ious = _pairwise_iou(checked[:, :4], checked[:, :4])
     kept: list[int] = []
     suppressed = np.zeros(len(checked), bool)
     for i in range(len(checked)):
@@ -75,7 +80,5 @@ def non_max_suppression(boxes: ArrayLike, iou_threshold: float, limit: int) -> n
         kept.append(i)
         if len(kept) == limit:
             break
-        suppressed[i + 1 :] |= (
-            box_iou(checked[i : i + 1, :4], checked[i + 1 :, :4])[0] > iou_threshold
-        )
+        suppressed[i + 1 :] |= ious[i, i + 1 :] > iou_threshold
     return given[kept]  # in the caller's dtype
