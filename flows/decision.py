@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeline_steps.core.config import Params
 from pipeline_steps.core.errors import TrackingError
+from pipeline_steps.core.files import write_text_atomic
 from pipeline_steps.core.layout import Layout
 
 CODE_GLOBS = ("pipeline_steps/**/*.py", "flows/**/*.py", "pyproject.toml")
@@ -195,11 +196,7 @@ def record_success(
         metrics=metrics,
         finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-    path = layout.last_run
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(asdict(last), indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(layout.last_run, json.dumps(asdict(last), indent=2))
     return last
 
 

@@ -12,17 +12,16 @@ The endpoint and credentials are boto3's own settings: `AWS_ENDPOINT_URL_S3` (Mi
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pipeline_steps.core.config import NightlyParams, Params
+from pipeline_steps.core.files import atomic_path, file_sha256, write_text_atomic
 from pipeline_steps.core.layout import Layout
 from pipeline_steps.landing import (
     DUPLICATE,
@@ -109,11 +108,8 @@ def download(client: Any, bucket: str, obj: LandingObject, dst: Path, attempts: 
     """Download into a temporary file next to `dst`, check its size, rename it; return its sha256."""
     from boto3.s3.transfer import TransferConfig
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=".part-")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    with atomic_path(dst) as tmp:
+        with tmp.open("wb") as fh:
             client.download_fileobj(
                 bucket,
                 obj.key,
@@ -128,15 +124,7 @@ def download(client: Any, bucket: str, obj: LandingObject, dst: Path, attempts: 
                 f"s3://{bucket}/{obj.key}: got {size} bytes, listed as {obj.size} (changed while "
                 "being read?); the next run downloads it again"
             )
-        digest = hashlib.sha256()
-        with tmp.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        os.replace(tmp, dst)
-        return digest.hexdigest()
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        return file_sha256(tmp)
 
 
 def _archived(layout: Layout, sha256: str) -> bool:
@@ -230,11 +218,7 @@ def commit(layout: Layout, batch: Batch) -> None:
     ):
         for item in items:
             seen[object_id(batch.bucket, item.key)] = Seen(item.etag, item.sha256, status, when)
-    path = layout.landing_seen
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(dump_seen(seen))
-    os.replace(tmp, path)
+    write_text_atomic(layout.landing_seen, dump_seen(seen))
     discard(batch)
 
 

@@ -28,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from flows import decision, landing, retraining, versioning, workspace
 from pipeline_steps.core.config import NightlyParams, Params
 from pipeline_steps.core.errors import RadflowError, WorkspaceError
+from pipeline_steps.core.files import write_text_atomic
 from pipeline_steps.core.layout import Layout
 
 log = logging.getLogger("radflow")
@@ -271,9 +272,7 @@ def push_data(layout: Layout) -> str:
         return "no default DVC remote (data stays in the local cache)"
     versioning.dvc(layout.root, "push", "-q")
     state["pushed_data_version"] = version
-    tmp = state_file.with_name(f".{state_file.name}.tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, state_file)
+    write_text_atomic(state_file, json.dumps(state))
     return f"pushed to {remote}"
 
 

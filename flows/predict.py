@@ -28,6 +28,7 @@ from flows.versioning import code_version
 from flows.workspace import open_workspace
 from pipeline_steps.core.config import Params
 from pipeline_steps.core.errors import DataError, TrackingError
+from pipeline_steps.core.files import atomic_path
 from pipeline_steps.core.layout import Layout
 from pipeline_steps.governance.ledger import Ledger, open_ledger
 from pipeline_steps.governance.lifecycle import (
@@ -132,20 +133,12 @@ def list_inputs(source: Path) -> list[Path]:
 
 @contextmanager
 def jsonl_sink(out: Path) -> Iterator[IO[str]]:
-    """Lines go to `<out>.partial`, renamed to `out` only when the batch finished."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    fh = partial.open("w", encoding="utf-8")
-    try:
+    """Lines go to a hidden temporary file beside `out`, renamed to `out` only when the batch
+    finished; a failed batch leaves no file under that name."""
+    with atomic_path(out) as partial, partial.open("w", encoding="utf-8") as fh:
         yield fh
         fh.flush()
         os.fsync(fh.fileno())
-        fh.close()
-        os.replace(partial, out)
-    finally:
-        if not fh.closed:
-            fh.close()
-        partial.unlink(missing_ok=True)
 
 
 def record_predictions(ledger: Ledger, records: Sequence[dict[str, Any]]) -> int:

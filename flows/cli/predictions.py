@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from flows.cli.common import instant, workspace_dir
+from pipeline_steps.core.files import atomic_path
 
 
 def unit_interval(text: str) -> float:
@@ -84,10 +84,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return 0 if result.ok else 1
     if args.out:
         out = Path(args.out)
-        partial = out.with_name(out.name + ".partial")
-        with partial.open("w", encoding="utf-8") as fh:
+        with atomic_path(out) as partial, partial.open("w", encoding="utf-8") as fh:
             count = audit.export(layout, fh, since=args.since, until=args.until, kind=args.kind)
-        os.replace(partial, out)
         print(f"{count} ledger row(s) written to {out}", file=sys.stderr)
     else:
         count = audit.export(layout, sys.stdout, since=args.since, until=args.until, kind=args.kind)
