@@ -130,7 +130,7 @@ def download(client: Any, bucket: str, obj: LandingObject, dst: Path, attempts: 
 def _archived(layout: Layout, sha256: str) -> bool:
     from pipeline_steps.core.deid import image_id_for
 
-    return (layout.raw_images / f"{image_id_for(sha256)}.dcm").exists()
+    return layout.raw_image(image_id_for(sha256)).exists()
 
 
 def sync(layout: Layout, params: NightlyParams) -> Batch:

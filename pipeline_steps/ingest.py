@@ -149,7 +149,7 @@ def ingest_directory(
         image_id = image_id_for(file_sha256(src))
         stem_ids.setdefault(src.stem, set()).add(image_id)
         batch.append(image_id)
-        dst = images_dir / f"{image_id}.dcm"
+        dst = layout.raw_image(image_id)
         if dst.exists():
             skipped += 1
         else:
@@ -161,7 +161,7 @@ def ingest_directory(
     # Only the verdicts are used here; the pseudonyms computed on the way are discarded, so the
     # development key is fine (validate pseudonymizes with the real one).
     metadata, quarantine = build_metadata(
-        images_dir, params, DEV_PSEUDONYM_KEY, files=[images_dir / f"{i}.dcm" for i in set(batch)]
+        images_dir, params, DEV_PSEUDONYM_KEY, files=[layout.raw_image(i) for i in set(batch)]
     )
     accepted_ids = set(metadata["image_id"])
     reason_of = dict(zip(quarantine["image_id"], quarantine["reason"], strict=True))

@@ -19,6 +19,10 @@ class Layout:
     def raw_images(self) -> Path:
         return self.raw / "images"
 
+    def raw_image(self, image_id: str) -> Path:
+        """Where ingestion archives a file: named by its content id, never by its source name."""
+        return self.raw_images / f"{image_id}.dcm"
+
     @property
     def raw_labels(self) -> Path:
         return self.raw / "labels.csv"
