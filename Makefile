@@ -11,8 +11,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
+# The embedded default data is synthetic, so `run` pseudonymizes it in development mode, with the
+# public development key (the model version is tagged pseudonym_key=development). A configured
+# RADFLOW_PSEUDONYM_KEY, when exported, is used instead. Real data needs that key: see README.
 run: $(STAMP)
-	$(VENV)/bin/radflow run
+	RADFLOW_PSEUDONYM_DEV_MODE=1 $(VENV)/bin/radflow run
 
 test: $(STAMP)
 	$(VENV)/bin/pytest

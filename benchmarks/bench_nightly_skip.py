@@ -45,6 +45,8 @@ def main() -> int:
     root = args.root or Path(tempfile.mkdtemp(prefix="radflow-bench-nightly-"))
     root.mkdir(parents=True, exist_ok=True)
     os.environ.update(AWS_ENV)
+    # Synthetic data: the validate stage may pseudonymize with the public development key.
+    os.environ.setdefault("RADFLOW_PSEUDONYM_DEV_MODE", "1")
     # The checkout may be edited by others while this runs; the code must not look changed.
     os.environ["RADFLOW_CODE_VERSION"] = "bench-nightly-skip"
     os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -226,6 +226,8 @@ def main() -> int:
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(HERE.parents[1]))
+    # Synthetic data: the validate stage may pseudonymize with the public development key.
+    os.environ.setdefault("RADFLOW_PSEUDONYM_DEV_MODE", "1")
 
     if args.child:
         kind, ws = args.child[0], Path(args.child[1])

@@ -204,6 +204,7 @@ def serve(
     from pipeline_steps.core.deid import pseudonym_key
     from pipeline_steps.governance.ledger import open_ledger
 
+    key = pseudonym_key().secret  # first: without a usable key the API does not start
     started = time.monotonic()
     model = load_model(layout, params, stage=stage)
     log.info(
@@ -224,6 +225,6 @@ def serve(
             stage=stage,
             poll_s=poll_s,
             code_version=versioning.code_version(),
-            key=pseudonym_key(),
+            key=key,
         )
         uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

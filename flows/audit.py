@@ -21,6 +21,7 @@ from flows.registry import stages_at
 from flows.tracking import MANIFEST_ARTIFACT, mlflow_client, public_uri, tracking_uri
 from flows.versioning import data_version_at, dvc_cache_has
 from pipeline_steps.core.config import Params
+from pipeline_steps.core.deid import DEVELOPMENT
 from pipeline_steps.core.errors import DataError, TrackingError
 from pipeline_steps.core.layout import Layout
 from pipeline_steps.governance.ledger import Entry, Verification, open_ledger
@@ -222,6 +223,8 @@ def trace(layout: Layout, params: Params, prediction_id: str) -> dict[str, Any]:
             "success": validation.get("success"),
             "n_images": validation.get("n_images"),
             "gx_results": stored_results,
+            # development: the model was trained on pseudonyms under the public key (test data)
+            "pseudonym_key": tags.get("pseudonym_key") or "unknown",
         },
         "training_manifest": {
             "sha256": tags.get("train_manifest"),
@@ -271,6 +274,12 @@ def format_trace(t: dict[str, Any]) -> Iterator[str]:
         for s, x in sorted(v["gx_results"].items())
     )
     yield f"validation  {v['result_id']}  passed={v['passed']}  {suites or '(not in this GX store)'}"
+    public = v["pseudonym_key"] == DEVELOPMENT
+    yield f"pseudonyms  {v['pseudonym_key']} key" + (
+        ": trained on pseudonyms under the PUBLIC development key (synthetic or test data only)"
+        if public
+        else ""
+    )
     splits = ", ".join(f"{k} {n}" for k, n in sorted(tm["by_split"].items()))
     yield f"training    {tm['images']} images ({splits}); manifest sha256 {tm['sha256']}"
     yield (

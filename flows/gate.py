@@ -149,7 +149,7 @@ def run_gate(
 ) -> GateOutcome:
     """Make `version` the candidate, score it and production on the same test images, decide, record
     the decision, and promote as the decision says. Safe to re-run: moves already made are skipped."""
-    gate_params = params.register_.gate
+    gate_params = params.gate
     name = params.register_.model_name
     with governance(layout, params) as (registry, ledger):
         aliases = registry.aliases()

@@ -226,12 +226,12 @@ def batch_prediction(
 ) -> dict[str, Any]:
     from pipeline_steps.core.deid import pseudonym_key
 
+    key = pseudonym_key().secret  # first: without a usable key nothing is loaded or written
     layout, params = open_workspace(Path(workspace))
     files = list_inputs(Path(source))
     model = load_model_task(layout, params, stage=stage, version=version)
     cutoff = model.config.detection.score_threshold if threshold is None else float(threshold)
     provenance = Provenance(model.ref, model.data_version, code_version())
-    key = pseudonym_key()
     logger = get_run_logger()
     logger.info(
         "batch_prediction: %d file(s) with %s version %s (%s), threshold %.3f",

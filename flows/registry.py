@@ -438,13 +438,17 @@ def stages_at(ledger: Ledger, model_name: str, at: datetime) -> dict[str, dict[s
 
 
 def list_versions(registry: ModelRegistry, ledger: Ledger) -> list[dict[str, Any]]:
-    """Every version with its stage, key metrics, data version, creation and who put it there."""
+    """Every version with its stage, key metrics, data version, creation and who put it there; none
+    while the model is not registered."""
+    versions = registry.versions()
+    if not versions:
+        return []
     aliases = registry.aliases()
     last: dict[str, Entry] = {}
     for entry in transitions(ledger, registry.model_name):
         last[str(entry.payload["version"])] = entry
     rows = []
-    for info in registry.versions():
+    for info in versions:
         stage = lifecycle_of(info.version, aliases) or (ARCHIVED if ARCHIVED in info.tags else None)
         moved = last.get(info.version)
         rows.append(

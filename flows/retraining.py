@@ -12,6 +12,7 @@ from typing import Any
 from flows import decision, gate, versioning
 from flows.decision import Decision, Fingerprint, LastRun
 from pipeline_steps.core.config import Params
+from pipeline_steps.core.deid import pseudonym_key
 from pipeline_steps.core.layout import Layout
 
 Check = Callable[[Layout, Params, bool], Decision]
@@ -59,6 +60,8 @@ def retrain_if_stale(
         return Retraining(verdict)
     if on_stale is not None:
         on_stale(verdict)
+    # The validate stage would refuse anyway; failing here spares starting the flow to find out.
+    pseudonym_key()
     # Imported here: the training flow's modules cost ~1 s, which a skipped run (and every importer
     # of flows.nightly, e.g. `radflow server start`) does not need.
     from flows.pipeline import training_pipeline

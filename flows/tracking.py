@@ -63,6 +63,15 @@ def tracking_uri(layout: Layout) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{layout.mlflow_db}"
 
 
+def store_exists(layout: Layout) -> bool:
+    """Whether the tracking store can hold anything yet. A SQLite store (the workspace's embedded
+    one by default) exists once its file does: opening it would create it, so callers that only read
+    check this first. Any other store (a server, a database) is taken to exist."""
+    uri = tracking_uri(layout)
+    prefix = "sqlite:///"
+    return not uri.startswith(prefix) or Path(uri.removeprefix(prefix)).exists()
+
+
 def mlflow_client(uri: str) -> MlflowClient:
     """The one MLflow client factory of flows/: `uri` (usually `tracking_uri(layout)`) serves as the
     tracking store and as the model registry."""

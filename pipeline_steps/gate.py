@@ -85,8 +85,35 @@ class GateResult:
         return asdict(self)
 
 
-def _fmt(value: float | None) -> str:
-    return "nan" if value is None or not np.isfinite(value) else f"{value:.4f}"
+def _holds(value: float, bound: float, strict: bool) -> bool:
+    return bool(np.isfinite(value) and (value > bound if strict else value >= bound))
+
+
+def _shown(value: float, bound: float, strict: bool) -> str:
+    """`value` to 3 decimals, or to as many more as it takes to compare with `bound` as the value
+    itself does: 0.49996 against a floor of 0.5 reads 0.49996, not 0.500."""
+    if not np.isfinite(value):
+        return "nan"
+    for digits in range(3, 10):
+        text = f"{value:.{digits}f}"
+        if _holds(float(text), bound, strict) == _holds(value, bound, strict):
+            return text
+    return repr(value)
+
+
+def _bound_check(
+    name: str, what: str, value: float, bound_name: str, bound: float, strict: bool = False
+) -> Check:
+    """Whether `value` reaches `bound` (>=, or > when strict), worded the way the comparison came
+    out: "ap50 0.470 < floor 0.5" for a failure, "ap50 0.612 >= floor 0.5" for a pass."""
+    ok = _holds(value, bound, strict)
+    target = f"{bound_name} {bound:g}" if bound_name else f"{bound:g}"
+    if not np.isfinite(value):
+        return Check(
+            name, False, f"{what} is undefined (nan), needs {'>' if strict else '>='} {target}"
+        )
+    op = (">" if strict else ">=") if ok else ("<=" if strict else "<")
+    return Check(name, ok, f"{what} {_shown(value, bound, strict)} {op} {target}")
 
 
 def decide_gate(
@@ -102,8 +129,7 @@ def decide_gate(
     checks = []
     for name, floor in sorted(params.thresholds.items()):
         value = candidate_metrics.get(name, float("nan"))
-        ok = bool(np.isfinite(value) and value >= floor)
-        checks.append(Check(f"threshold:{name}", ok, f"{name} {_fmt(value)} >= {floor:g}"))
+        checks.append(_bound_check(f"threshold:{name}", name, value, "floor", floor))
     delta = low = high = None
     if production_metrics is None or delta_ci is None:
         checks.append(
@@ -112,17 +138,25 @@ def decide_gate(
     else:
         delta, low, high = delta_ci
         checks.append(
-            Check(
+            _bound_check(
                 "min_delta",
-                bool(np.isfinite(delta) and delta >= params.min_delta),
-                f"{params.metric} delta {_fmt(delta)} >= {params.min_delta:g}",
+                f"{params.metric} delta over production",
+                delta,
+                "min_delta",
+                params.min_delta,
             )
         )
+        interval = (
+            f"[{_shown(low, 0.0, True)}, {'nan' if not np.isfinite(high) else f'{high:.3f}'}]"
+        )
         checks.append(
-            Check(
+            _bound_check(
                 "ci_lower_bound",
-                bool(np.isfinite(low) and low > 0.0),
-                f"{params.ci_level:.0%} CI of the delta [{_fmt(low)}, {_fmt(high)}] lies above 0",
+                f"{params.ci_level:.0%} CI of the delta {interval}: lower bound",
+                low,
+                "",
+                0.0,
+                strict=True,
             )
         )
     failed = [c.detail for c in checks if not c.passed]

@@ -158,8 +158,9 @@ def ingest_directory(
         if progress:
             progress(done, len(sources))
 
-    # Only the verdicts are used here; the pseudonyms computed on the way are discarded, so the
-    # development key is fine (validate pseudonymizes with the real one).
+    # Only the verdicts (image_id, reason) are used here; the pseudonyms computed on the way are
+    # discarded and never leave this function, so the public development key is fine and ingest
+    # needs no RADFLOW_PSEUDONYM_KEY. Validate pseudonymizes with the configured key (deid.pseudonym_key).
     metadata, quarantine = build_metadata(
         images_dir, params, DEV_PSEUDONYM_KEY, files=[layout.raw_image(i) for i in set(batch)]
     )

@@ -40,6 +40,7 @@ class Lineage:
     validation_result: str  # the GX result id of this data version's validation
     validation_sha256: str  # of reports/validation.json, which is logged as an artifact
     validation_passed: bool  # it succeeded, and for this data version
+    pseudonym_key: str  # configured | development (the public key) | unknown (an older report)
     manifest: pd.DataFrame  # (content_hash, split) of every image, sorted: see manifest_table
 
     @property
@@ -76,10 +77,10 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 def params_hash(params: Params) -> str:
     """Hash of the sections that shape the model. The gate policy decides what happens to a model
-    after it exists, so it is left out: the same training gives the same hash under any policy."""
+    after it exists (the `gate` section), so it is left out: the same training gives the same hash
+    under any policy."""
     dumped = params.model_dump(mode="json", by_alias=True)
     chosen = {k: dumped[k] for k in MODEL_SECTIONS}
-    chosen["register"] = {k: v for k, v in chosen["register"].items() if k != "gate"}
     blob = json.dumps(chosen, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -114,6 +115,8 @@ def version_tags(
         "validation_result": lineage.validation_result,
         "validation_report_sha256": lineage.validation_sha256,
         "validation_passed": "true" if lineage.validation_passed else "false",
+        # "development": trained on pseudonyms under the public key, i.e. synthetic or test data
+        "pseudonym_key": lineage.pseudonym_key,
         "train_manifest": lineage.train_manifest,
     }
     for key in HEADLINE_METRICS:
@@ -159,6 +162,7 @@ def read_lineage(layout: Layout, data_version: str, data_git_rev: str) -> Lineag
         validation_result=str(report.get("result_id") or f"sha256:{sha256_hex(blob)}"),
         validation_sha256=sha256_hex(blob),
         validation_passed=bool(report.get("success", False)) and validated == data_version,
+        pseudonym_key=str(report.get("pseudonym_key") or "unknown"),
         manifest=manifest_table(pd.read_parquet(layout.manifest)),
     )
 

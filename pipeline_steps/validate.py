@@ -80,6 +80,7 @@ class ValidationReport:
     gx_results: dict[str, str] = field(default_factory=dict)  # suite -> GX validation result id
     n_unlabelled: int = 0  # accepted images without any label row
     n_labels_without_image: int = 0  # label rows whose image is missing or quarantined
+    pseudonym_key: str = ""  # configured | development: the key's mode, never the key
 
     @property
     def failures(self) -> list[Expectation]:
@@ -531,11 +532,12 @@ def run(
     `data_version` (the DVC md5 of data/raw) keys the GX results, so each data version's validation
     can be found in the GX store and in Data Docs.
     """
+    key = pseudonym_key()  # first: without a usable key the stage writes nothing
     if not layout.raw_images.is_dir():
         raise DataError(
             f"{layout.raw_images}: no raw data. Run `radflow ingest` or `radflow run` first."
         )
-    metadata, quarantine = build_metadata(layout.raw_images, ingest, pseudonym_key())
+    metadata, quarantine = build_metadata(layout.raw_images, ingest, key.secret)
     raw_labels = (
         pd.read_csv(layout.raw_labels)
         if layout.raw_labels.exists()
@@ -551,6 +553,7 @@ def run(
         report,
         n_quarantined=len(quarantine),
         n_labels_without_image=len(raw_labels) - len(labels),
+        pseudonym_key=key.mode,
     )
     layout.interim.mkdir(parents=True, exist_ok=True)
     metadata.to_parquet(layout.metadata, index=False)

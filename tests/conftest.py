@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +90,14 @@ def build_dicom(
 @pytest.fixture
 def make_dicom() -> Callable[..., Path]:
     return build_dicom
+
+
+@pytest.fixture(scope="session", autouse=True)
+def development_pseudonym_key() -> Iterator[None]:
+    """Test data is synthetic: the whole session (and every `radflow` subprocess it starts) uses the
+    public development key, explicitly, as `make run` does; a key exported in the shell is ignored so
+    that tags and reports read `development`. Tests of the key rules override this with monkeypatch."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RADFLOW_PSEUDONYM_DEV_MODE", "1")
+        mp.delenv("RADFLOW_PSEUDONYM_KEY", raising=False)
+        yield

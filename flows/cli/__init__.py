@@ -3,6 +3,9 @@
 Each command group lives in a module of its own: `data` (init, synth, ingest, run, step), `registry`
 (models, promote, rollback), `nightly` (nightly, schedule, server) and `predictions` (predict,
 serve-api, audit, trace). Commands import what they need when they run, so `--help` stays fast.
+
+Exit codes follow MLflow, DVC and Prefect: 0 success, 1 a failure (a RadflowError, a failed batch,
+a broken ledger), 2 a usage error (argparse's own).
 """
 
 from __future__ import annotations
@@ -12,11 +15,16 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 
 from flows.cli import data, nightly, predictions, registry
+from flows.cli.common import CommandParser, global_option_names
 from pipeline_steps.core.errors import RadflowError
 
-DESCRIPTION = "The `radflow` command line: init, synth, ingest, run and step, each on a workspace."
+DESCRIPTION = (
+    "Train, register, promote and audit a chest-radiograph detector, each command on a workspace."
+)
+EPILOG = "exit status: 0 success, 1 failure, 2 usage error"
 
 
 def _own_info_only(record: logging.LogRecord) -> bool:
@@ -38,12 +46,28 @@ def _setup_environment() -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
+def _version() -> str:
+    try:
+        return metadata.version("radflow")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="radflow", description=DESCRIPTION)
+    # Every subcommand parser is a CommandParser too, so each takes GLOBAL_OPTIONS after its name.
+    parser = CommandParser(prog="radflow", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument(
-        "--workspace", metavar="DIR", help="radflow checkout to work on (default: .)"
+        "--version",
+        action="version",
+        version=f"%(prog)s {_version()}",
+        help="print radflow's version and exit",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        help="what to do (COMMAND --help: its options)",
+    )
     # The order of `radflow --help`.
     data.add_commands(sub)
     registry.add_commands(sub)
@@ -54,9 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A global option given neither before nor after the command is absent (see GLOBAL_OPTIONS).
+    for dest in global_option_names():
+        if not hasattr(args, dest):
+            setattr(args, dest, None)
     _setup_environment()
     try:
         return int(args.func(args))
     except RadflowError as exc:
         print(f"radflow: error: {exc}", file=sys.stderr)
-        return 2
+        return 1

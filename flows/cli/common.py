@@ -1,4 +1,5 @@
-"""What the command groups share: the workspace argument, progress bars and argument types."""
+"""What the command groups share: the parser with its global options, progress bars and argument
+types."""
 
 from __future__ import annotations
 
@@ -8,6 +9,52 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+
+# The options every command takes, before or after its name (`radflow --workspace W models` and
+# `radflow models --workspace W`): defined once here, a parent of every parser. The default is
+# SUPPRESS so that a subcommand's parser does not overwrite a value given before the command with
+# its own default; `main` sets what was not given at all to None.
+GLOBAL_OPTIONS = argparse.ArgumentParser(add_help=False)
+GLOBAL_OPTIONS.add_argument(
+    "--workspace",
+    metavar="DIR",
+    default=argparse.SUPPRESS,
+    help="radflow checkout to work on (default: the current directory)",
+)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's default after its help, unless the help already words it or there is none to
+    show (None or False: the option is off unless given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.required
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or "default" in text
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """radflow's parser and each (sub)command's: it shows defaults and takes the global options.
+    `add_subparsers` makes its children of this class too."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs["parents"] = [*kwargs.get("parents", ()), GLOBAL_OPTIONS]
+        super().__init__(**kwargs)
+
+
+def global_option_names() -> list[str]:
+    """The `dest` of each global option."""
+    return [action.dest for action in GLOBAL_OPTIONS._actions]
 
 
 def workspace_dir(args: argparse.Namespace) -> Path:

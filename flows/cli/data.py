@@ -237,15 +237,24 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser(
         "init", help="make DIR a radflow workspace (git + DVC, params.yaml, dvc.yaml)"
     )
-    p.add_argument("dir", nargs="?")
+    p.add_argument(
+        "dir", nargs="?", help="where (default: --workspace, else the current directory)"
+    )
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser(
         "synth", help="write synthetic chest-radiograph DICOMs and RSNA-format labels"
     )
-    p.add_argument("--out", required=True)
-    p.add_argument("--n-images", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the DICOMs to")
+    p.add_argument(
+        "--n-images",
+        type=int,
+        metavar="N",
+        help="how many images (default: synth.n_images of params.yaml, or its default)",
+    )
+    p.add_argument(
+        "--seed", type=int, help="random seed (default: synth.seed of params.yaml, or its default)"
+    )
     p.add_argument(
         "--workers", type=int, help="processes (default: one per core; output is identical)"
     )
@@ -254,7 +263,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser(
         "ingest", help="add DICOMs (and labels) to data/raw and record a data version"
     )
-    p.add_argument("--dicom-dir", required=True)
+    p.add_argument(
+        "--dicom-dir",
+        required=True,
+        metavar="DIR",
+        help="folder of DICOM files (searched recursively)",
+    )
     p.add_argument(
         "--labels",
         help="optional label CSV: RSNA (patientId,x,y,width,height,Target), VinDr-CXR "
@@ -270,7 +284,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument(
         "--replace", action="store_true", help="start the dataset over instead of appending"
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser(
@@ -285,8 +299,5 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("step", help="run one pipeline stage without Prefect (used by dvc.yaml)")
-    p.add_argument(
-        "stage",
-        choices=list(STAGES),
-    )
+    p.add_argument("stage", choices=list(STAGES), help="the stage to run")
     p.set_defaults(func=cmd_step)

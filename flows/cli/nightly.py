@@ -67,9 +67,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(func=cmd_schedule)
 
     p = sub.add_parser("server", help="local services")
-    server = p.add_subparsers(dest="service", required=True)
+    server = p.add_subparsers(dest="service", required=True, metavar="SERVICE", help="which one")
     p = server.add_parser("start", help="a Prefect server (SQLite unless configured), foreground")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=4200)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=4200, help="port to listen on")
     p.add_argument("--no-ui", action="store_true", help="API only")
     p.set_defaults(func=cmd_server)

@@ -25,10 +25,14 @@ def unit_interval(text: str) -> float:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from flows import workspace
-    from flows.predict import batch_prediction
+    from flows.predict import batch_prediction, list_inputs
+    from pipeline_steps.core.deid import pseudonym_key
 
-    # A bad params.yaml fails here, before Prefect starts.
+    # A bad params.yaml, a missing input or no pseudonymization key fails here, before Prefect's
+    # server starts (~20 s).
     layout, _ = workspace.open_workspace(workspace_dir(args))
+    list_inputs(Path(args.input))
+    pseudonym_key()
     summary = batch_prediction(
         str(layout.root),
         args.input,  # kept as given: records name each image by the path the caller used
@@ -51,7 +55,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
             f"ledger rows: {summary['ledger_rows']}"
             + (f"\nDICOM SR: {summary['reports']} file(s) in {args.sr_out}" if args.sr_out else "")
         )
-    return 1 if summary["failed"] and not summary["predicted"] else 0
+    if summary["failed"]:
+        # The records are written all the same; a script sees the partial failure in the exit code.
+        print(
+            f"radflow: {summary['failed']} of {summary['images']} file(s) failed; "
+            f"the reason of each is in its record's `reason` and `error` in {summary['out']}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def cmd_serve_api(args: argparse.Namespace) -> int:
@@ -109,13 +121,22 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser(
         "predict", help="predict a DICOM file or folder with a registered model (JSON lines)"
     )
-    p.add_argument("--input", required=True, metavar="DIR|FILE")
-    p.add_argument("--out", required=True, metavar="FILE.jsonl")
+    p.add_argument(
+        "--input",
+        required=True,
+        metavar="DIR|FILE",
+        help="a DICOM file, or a folder (every non-hidden file under it)",
+    )
+    p.add_argument(
+        "--out", required=True, metavar="FILE.jsonl", help="one JSON record per input file"
+    )
     which = p.add_mutually_exclusive_group()
     which.add_argument(
-        "--stage", choices=["production", "staging", "candidate"], help="default: production"
+        "--stage",
+        choices=["production", "staging", "candidate"],
+        help="predict with the version in this stage (default: production)",
     )
-    which.add_argument("--version", metavar="N")
+    which.add_argument("--version", metavar="N", help="predict with this model version")
     p.add_argument(
         "--threshold", type=unit_interval, help="score threshold (default: the model's own)"
     )
@@ -126,9 +147,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("serve-api", help="HTTP API: POST /predict, GET /healthz (FastAPI)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--stage", default="production", choices=["production", "staging"])
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument(
+        "--stage",
+        default="production",
+        choices=["production", "staging"],
+        help="serve the version in this stage",
+    )
     p.add_argument(
         "--poll-seconds",
         type=float,
@@ -138,7 +164,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(func=cmd_serve_api)
 
     p = sub.add_parser("audit", help="verify or export the audit ledger")
-    p.add_argument("action", choices=["verify", "export"])
+    p.add_argument(
+        "action",
+        choices=["verify", "export"],
+        help="verify: walk the hash chain; export: the rows as JSON lines",
+    )
     p.add_argument("--since", type=instant, metavar="TIME", help="export: from (ISO-8601)")
     p.add_argument("--until", type=instant, metavar="TIME", help="export: until (ISO-8601)")
     p.add_argument("--kind", help="export: only rows of this kind (prediction, transition, gate)")
@@ -149,6 +179,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser(
         "trace", help="a prediction's model, run, data version, validation and training images"
     )
-    p.add_argument("prediction_id")
+    p.add_argument("prediction_id", help="a record's prediction_id (a ULID)")
     p.add_argument("--json", action="store_true", help="one machine-readable object")
     p.set_defaults(func=cmd_trace)

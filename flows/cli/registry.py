@@ -7,19 +7,41 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from flows.cli.common import instant, workspace_dir
 
+if TYPE_CHECKING:
+    from pipeline_steps.core.config import Params
+    from pipeline_steps.core.layout import Layout
+    from pipeline_steps.governance.ledger import Ledger
 
-@contextmanager
-def _governance(args: argparse.Namespace) -> Iterator[tuple[object, object]]:
-    """The workspace's registry and ledger. MLflow's HTTP retries are kept short here (unless set),
-    so an unreachable server is reported in seconds rather than minutes."""
-    from flows import registry, workspace
+# What `radflow promote --to` accepts: candidate is the gate's to set.
+PROMOTE_TO = ("staging", "production")
+
+
+def _open(args: argparse.Namespace) -> tuple[Layout, Params]:
+    """The workspace. MLflow's HTTP retries are kept short here (unless set), so an unreachable
+    server is reported in seconds rather than minutes."""
+    from flows import workspace
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    layout, params = workspace.open_workspace(workspace_dir(args))
+    return workspace.open_workspace(workspace_dir(args))
+
+
+@contextmanager
+def _governance(layout: Layout, params: Params) -> Iterator[tuple[object, object]]:
+    """The workspace's registry and ledger, for a transition: refused before MLflow is opened (which
+    would create the embedded store) when nothing was ever registered in this workspace."""
+    from flows import registry, tracking
+    from pipeline_steps.governance.lifecycle import TransitionError
+
+    if not tracking.store_exists(layout):
+        raise TransitionError(
+            f"no model is registered yet: {tracking.public_uri(tracking.tracking_uri(layout))} "
+            "does not exist; `radflow run` trains and registers one"
+        )
     with registry.governance(layout, params) as pair:
         yield pair
 
@@ -30,18 +52,25 @@ def _short(value: object, width: int = 12) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from flows import registry
+    from flows import registry, tracking
+    from pipeline_steps.governance.ledger import open_ledger
 
-    with _governance(args) as (reg, ledger):
-        assert isinstance(reg, registry.ModelRegistry)
-        if args.action == "history" or args.at is not None:
-            return _print_history(args, reg, ledger)
-        rows = registry.list_versions(reg, ledger)  # type: ignore[arg-type]
+    layout, params = _open(args)
+    model_name = params.register_.model_name
+    if args.action == "history" or args.at is not None:
+        # The history is the ledger's alone: MLflow is not opened.
+        with open_ledger(layout.root) as ledger:
+            return _print_history(args, model_name, ledger)
+    rows: list[dict[str, Any]] = []
+    # An empty registry is an empty list; opening MLflow would create the workspace's store.
+    if tracking.store_exists(layout):
+        with registry.governance(layout, params) as (reg, ledger):
+            rows = registry.list_versions(reg, ledger)
     if args.json:
         print(json.dumps(rows))
         return 0
     if not rows:
-        print(f"no versions of {reg.model_name} yet; `radflow run` registers one")
+        print(f"no versions of {model_name} yet; `radflow run` registers one")
         return 0
     print(
         f"{'version':>7}  {'stage':<10}  {'ap50':>6}  {'cpm':>6}  {'gate':<6}  "
@@ -60,18 +89,17 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_history(args: argparse.Namespace, reg: object, ledger: object) -> int:
+def _print_history(args: argparse.Namespace, model_name: str, ledger: Ledger) -> int:
     from flows import registry
-    from pipeline_steps.governance.ledger import Ledger, timestamp
+    from pipeline_steps.governance.ledger import timestamp
 
-    assert isinstance(reg, registry.ModelRegistry) and isinstance(ledger, Ledger)
     if args.at is not None:
-        state = registry.stages_at(ledger, reg.model_name, args.at)
-        answer = {"model": reg.model_name, "at": timestamp(args.at), "stages": state}
+        state = registry.stages_at(ledger, model_name, args.at)
+        answer = {"model": model_name, "at": timestamp(args.at), "stages": state}
         if args.json:
             print(json.dumps(answer))
             return 0
-        print(f"{reg.model_name} at {answer['at']}:")
+        print(f"{model_name} at {answer['at']}:")
         for stage in ("production", "staging", "candidate"):
             held = state.get(stage)
             print(
@@ -84,12 +112,12 @@ def _print_history(args: argparse.Namespace, reg: object, ledger: object) -> int
                 )
             )
         return 0
-    entries = registry.transitions(ledger, reg.model_name)
+    entries = registry.transitions(ledger, model_name)
     if args.json:
         print(json.dumps([e.as_dict() for e in entries]))
         return 0
     if not entries:
-        print(f"no stage transitions of {reg.model_name} recorded yet")
+        print(f"no stage transitions of {model_name} recorded yet")
     for e in entries:
         p = e.payload
         flags = " [forced]" if p.get("forced") else ""
@@ -115,8 +143,11 @@ def _print_transition(done: object) -> None:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     from flows import registry
+    from pipeline_steps.governance.lifecycle import parse_lifecycle
 
-    with _governance(args) as (reg, ledger):
+    parse_lifecycle(args.to, PROMOTE_TO)  # a wrong --to fails before MLflow is opened
+    layout, params = _open(args)
+    with _governance(layout, params) as (reg, ledger):
         done = registry.promote(
             reg,  # type: ignore[arg-type]
             ledger,  # type: ignore[arg-type]
@@ -125,7 +156,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
             actor=args.actor or registry.default_actor(),
             reason=args.reason,
             force=args.force,
-            allowed=("staging", "production"),
+            allowed=PROMOTE_TO,
         )
     _print_transition(done)
     return 0
@@ -134,7 +165,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from flows import registry
 
-    with _governance(args) as (reg, ledger):
+    layout, params = _open(args)
+    with _governance(layout, params) as (reg, ledger):
         done = registry.rollback(
             reg,  # type: ignore[arg-type]
             ledger,  # type: ignore[arg-type]
@@ -156,12 +188,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         metavar="TIME",
         help="with history: which version held each stage at TIME (ISO-8601; UTC if no zone)",
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("promote", help="move a model version to staging or production")
-    p.add_argument("version")
-    p.add_argument("--to", required=True, metavar="STAGE", help="staging | production")
+    p.add_argument("version", help="the model version number (`radflow models` lists them)")
+    p.add_argument(
+        "--to", required=True, metavar="STAGE", help="staging | production (champion: production)"
+    )
     p.add_argument("--reason", required=True, help="why; kept in the audit ledger")
     p.add_argument("--actor", help="who (default: $RADFLOW_ACTOR, else the login name)")
     p.add_argument(

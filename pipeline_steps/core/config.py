@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,6 +12,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline_steps.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class _Section(BaseModel):
@@ -268,7 +271,6 @@ class GateParams(_Section):
 class RegisterParams(_Section):
     model_name: str = "radflow-detector"
     experiment: str = "radflow"
-    gate: GateParams = GateParams()
 
 
 class NightlyParams(_Section):
@@ -317,6 +319,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     test: DetectionParams = DetectionParams()
     register_: RegisterParams = Field(RegisterParams(), alias="register")
+    gate: GateParams = GateParams()
     nightly: NightlyParams = NightlyParams()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
@@ -329,8 +332,28 @@ class Params(_Section):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _moved_sections(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """The gate's section was `register.gate` before it became the `gate` stage's own: an older
+    params.yaml still loads, with a warning that says what to change."""
+    register = raw.get("register")
+    if not (isinstance(register, dict) and "gate" in register):
+        return raw
+    if "gate" in raw:
+        raise ConfigError(
+            f"{source}: both `gate` and `register.gate` are set; keep only the top-level `gate` section"
+        )
+    log.warning(
+        "%s: `register.gate` is now the top-level `gate` section (read from there this time); "
+        "move it to silence this warning",
+        source,
+    )
+    moved = {k: v for k, v in register.items() if k != "gate"}
+    return {**raw, "register": moved, "gate": register["gate"]}
+
+
 def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
     """Validate a parsed params mapping; errors name the dotted key and the file."""
+    raw = _moved_sections(raw, source)
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline_steps.core.deid import DEV_MODE_VARIABLE, DEVELOPMENT
 from pipeline_steps.core.files import write_text_atomic
 from pipeline_steps.core.layout import Layout
 
@@ -287,6 +288,7 @@ def _validation_section(validation: Mapping[str, Any] | None) -> str:
         ("Quarantined", validation.get("n_quarantined")),
         ("Label rows", validation.get("n_label_rows")),
         ("Positive fraction", _number(validation.get("positive_fraction"))),
+        ("Pseudonym key", validation.get("pseudonym_key") or "not recorded"),
     ]
     head = "".join(
         f'<tr><td class="l">{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>'
@@ -304,9 +306,19 @@ def _validation_section(validation: Mapping[str, Any] | None) -> str:
             f'<td class="{"pass" if ok else "fail"}">{"pass" if ok else "fail"}</td></tr>'
         )
     n_ok = sum(1 for e in validation.get("expectations", []) if e.get("success"))
+    public_key = (
+        '<p class="fail">Patient pseudonyms were made with the PUBLIC development key '
+        f"({DEV_MODE_VARIABLE}=1), so they do not protect identity: this model is for synthetic "
+        "or test data only.</p>"
+        if validation.get("pseudonym_key") == DEVELOPMENT
+        else ""
+    )
     return (
-        "<h2>Data validation</h2><table>" + head + "</table>"
-        f'<p class="meta">{n_ok} of {len(rows)} expectations passed.</p>'
+        "<h2>Data validation</h2><table>"
+        + head
+        + "</table>"
+        + public_key
+        + f'<p class="meta">{n_ok} of {len(rows)} expectations passed.</p>'
         '<table><tr><th class="l">Table</th><th class="l">Expectation</th>'
         '<th class="l">Severity</th><th>Unexpected</th><th>Result</th></tr>'
         + "".join(rows)

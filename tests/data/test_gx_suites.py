@@ -126,7 +126,12 @@ def test_an_extra_phi_column_is_stopped_and_its_values_stored_nowhere(layout):
     assert not [p for p in written if b"Testperson" in p.read_bytes()]
 
 
-def test_a_warning_only_batch_passes_with_the_warning_recorded(tmp_path, caplog):
+def test_a_warning_only_batch_passes_with_the_warning_recorded(tmp_path, caplog, monkeypatch):
+    key = (
+        "9b1e4c7a2f6d3e8b5a0c1d7f4e2b9a6c"  # a configured key: its mode is recorded, never the key
+    )
+    monkeypatch.setenv("RADFLOW_PSEUDONYM_KEY", key)
+    monkeypatch.delenv("RADFLOW_PSEUDONYM_DEV_MODE")
     layout = Layout(tmp_path / "ws")
     for i in range(4):
         build_dicom(
@@ -152,6 +157,9 @@ def test_a_warning_only_batch_passes_with_the_warning_recorded(tmp_path, caplog)
         )
     ]
     assert saved["result_id"].startswith("warn.dir/")
+    assert saved["pseudonym_key"] == "configured"
+    written = [p for p in layout.root.rglob("*") if p.is_file()]
+    assert layout.metadata in written and not [p for p in written if key.encode() in p.read_bytes()]
     assert any(
         "spacing_flagged" in r.getMessage() for r in caplog.records if r.levelname == "WARNING"
     )

@@ -344,7 +344,7 @@ TINY_NIGHTLY: dict = {
         "split": {"val_fraction": 0.25, "test_fraction": 0.25},
     },
     "train": {"epochs": 1, "batch_size": 4, "width": 4, "depth": 2},
-    "register": {"gate": {"thresholds": {}, "n_boot": 50}},
+    "gate": {"thresholds": {}, "n_boot": 50},
     "nightly": {"download_attempts": 2, "retries": 1, "retry_delay_s": 0.2},
 }
 

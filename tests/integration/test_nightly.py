@@ -153,10 +153,8 @@ def test_the_decision_sees_params_code_and_drift(night, monkeypatch):
     verdict = decision.check(layout, changed)
     assert not verdict.up_to_date and "params" in verdict.reason
     # The gate policy decides what happens to a model, not what it is: no retrain for it.
-    policy = params.register_.gate.model_copy(update={"min_delta": 0.05})
-    gated = params.model_copy(
-        update={"register_": params.register_.model_copy(update={"gate": policy})}
-    )
+    policy = params.gate.model_copy(update={"min_delta": 0.05})
+    gated = params.model_copy(update={"gate": policy})
     assert decision.check(layout, gated).up_to_date
 
     monkeypatch.setenv(decision.CODE_VERSION_ENV, "other-code")

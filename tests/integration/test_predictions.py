@@ -93,7 +93,10 @@ def predicted(workspace, tmp_path_factory):
         "0.0",
         "--json",
     )
-    assert done.returncode == 0, done.stderr[-4000:]
+    # Two of the five inputs cannot be used: the batch exits 1, with every record written.
+    assert done.returncode == 1, done.stderr[-4000:]
+    assert "2 of 5 file(s) failed; the reason of each is in its record's `reason`" in done.stderr
+    assert str(out) in done.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     return {
         "summary": json.loads(done.stdout.strip().splitlines()[-1]),
@@ -212,6 +215,13 @@ def test_trace_resolves_every_link_to_the_real_objects(workspace, predicted):
     # validation: the GX run of this data version, found in the workspace's GX store
     report = json.loads((ws / "reports" / "validation.json").read_text())
     assert t["validation"]["result_id"] == report["result_id"]
+    # the test data is pseudonymized in development mode: the report, the version tag (which the
+    # trace reads), the HTML test report and the printed trace all say so
+    assert report["pseudonym_key"] == "development"
+    assert t["validation"]["pseudonym_key"] == "development"
+    assert "PUBLIC development key" in (ws / "reports" / "latest" / "index.html").read_text()
+    printed = radflow(ws, "trace", records[0]["prediction_id"])
+    assert "pseudonyms  development key: trained on pseudonyms under the PUBLIC" in printed.stdout
     assert set(t["validation"]["gx_results"]) == {"metadata", "labels", "label_summary"}
     assert all(r["success"] for r in t["validation"]["gx_results"].values())
     # training images: the manifest artifact is the workspace's manifest, byte for byte
@@ -228,7 +238,23 @@ def test_trace_resolves_every_link_to_the_real_objects(workspace, predicted):
     _, failed = _trace(ws, records[3]["prediction_id"])
     assert failed["prediction"]["reason"] == "corrupt"
     missing = radflow(ws, "trace", "01NOSUCHPREDICTION0000000")
-    assert missing.returncode == 2 and "no prediction" in missing.stderr
+    assert missing.returncode == 1 and "no prediction" in missing.stderr
+
+
+def test_predict_and_the_api_refuse_to_start_without_a_pseudonym_key(
+    workspace, predicted, tmp_path
+):
+    ws = workspace["ws"]
+    env = _embedded_env()
+    env.pop("RADFLOW_PSEUDONYM_DEV_MODE", None)
+    env.pop("RADFLOW_PSEUDONYM_KEY", None)
+    rows = len(_ledger_rows(ws))
+    out = tmp_path / "preds.jsonl"
+    done = radflow(ws, "predict", "--input", str(workspace["inputs"]), "--out", str(out), env=env)
+    assert done.returncode == 1 and "RADFLOW_PSEUDONYM_KEY is not set" in done.stderr
+    assert not out.exists() and len(_ledger_rows(ws)) == rows
+    api = radflow(ws, "serve-api", "--port", str(free_port()), env=env, timeout=120)
+    assert api.returncode == 1 and "secrets.token_hex(32)" in api.stderr
 
 
 def test_audit_verify_names_the_first_tampered_row(workspace, predicted, tmp_path):

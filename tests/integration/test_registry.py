@@ -33,7 +33,7 @@ MODEL = "radflow-detector"
 TINY = {
     "preprocess": {"input_size": 64, "target_spacing_mm": 5.0},
     "train": {"width": 4, "depth": 2},
-    "register": {"gate": {"thresholds": {"ap50": 0.0, "sens_at_1fp": 0.0}, "n_boot": 50}},
+    "gate": {"thresholds": {"ap50": 0.0, "sens_at_1fp": 0.0}, "n_boot": 50},
 }
 
 
@@ -326,9 +326,7 @@ def test_params_hash_ignores_the_gate_policy():
     from pipeline_steps.register import params_hash
 
     base = Params()
-    other_gate = base.model_copy(
-        update={"register_": RegisterParams(gate=GateParams(min_delta=0.1, auto_promote=True))}
-    )
+    other_gate = base.model_copy(update={"gate": GateParams(min_delta=0.1, auto_promote=True)})
     other_name = base.model_copy(update={"register_": RegisterParams(model_name="other")})
     assert params_hash(base) == params_hash(other_gate)
     assert params_hash(base) != params_hash(other_name)
@@ -381,12 +379,10 @@ def test_a_tie_with_production_fails_the_gate_and_stays_candidate(fresh):
 
 def test_an_absolute_threshold_fails_the_gate(fresh):
     from flows.gate import run_gate
-    from pipeline_steps.core.config import GateParams, RegisterParams
+    from pipeline_steps.core.config import GateParams
 
     layout, params, reg = fresh
-    strict = params.model_copy(
-        update={"register_": RegisterParams(gate=GateParams(thresholds={"ap50": 0.99}))}
-    )
+    strict = params.model_copy(update={"gate": GateParams(thresholds={"ap50": 0.99})})
     outcome = run_gate(layout, strict, "3")
     assert not outcome.result.passed and "ap50" in outcome.result.reason
     assert reg.aliases() == {"candidate": "3"}
@@ -437,7 +433,7 @@ def test_promote_force_rollback_and_history_at(fresh):
     run_gate(layout, params, "2")  # a tie: fails, stays candidate
     before = reg.aliases()
     code, _, err = cli(layout, "promote", "2", "--to", "production", "--reason", "try")
-    assert code == 2 and "failed its gate" in err and "--force" in err
+    assert code == 1 and "failed its gate" in err and "--force" in err
     assert reg.aliases() == before
 
     code, out, err = cli(
@@ -508,7 +504,7 @@ def test_a_manual_promotion_needs_validated_data(fresh):
         code, _, err = cli(layout, "promote", "1", "--to", "production", "--reason", "x")
     finally:
         reg.client.set_model_version_tag(MODEL, "1", "validation_passed", "true")
-    assert code == 2 and "validation" in err
+    assert code == 1 and "validation" in err
     assert reg.aliases() == {"staging": "1"}
 
 
@@ -525,9 +521,9 @@ def test_unknown_versions_and_stages_change_nothing(fresh):
         (("1", "--to", "candidate"), "unknown stage 'candidate'"),
     ]:
         code, _, err = cli(layout, "promote", *args, "--reason", "x")
-        assert code == 2 and message in err, (args, err)
+        assert code == 1 and message in err, (args, err)
     code, _, err = cli(layout, "rollback", "--reason", "x")
-    assert code == 2 and "nothing to roll back" in err
+    assert code == 1 and "nothing to roll back" in err
     assert reg.aliases() == {}
     with ledger_of(layout) as ledger:
         assert ledger.entries() == []
@@ -539,7 +535,7 @@ def test_an_unreachable_registry_is_a_clear_error(fresh, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
     code, _, err = cli(layout, "promote", "1", "--to", "staging", "--reason", "x")
-    assert code == 2 and "MLflow registry at http://127.0.0.1:" in err and "server is up" in err
+    assert code == 1 and "MLflow registry at http://127.0.0.1:" in err and "server is up" in err
     with ledger_of(layout) as ledger:
         assert ledger.entries() == []
 

@@ -533,6 +533,6 @@ def test_radflow_schedule_refuses_prefects_temporary_server(tmp_path, monkeypatc
 
     workspace.init(tmp_path / "ws")
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    assert main(["--workspace", str(tmp_path / "ws"), "schedule"]) == 2
+    assert main(["--workspace", str(tmp_path / "ws"), "schedule"]) == 1
     err = capsys.readouterr().err
     assert "needs a Prefect server" in err and "radflow server start" in err

@@ -52,3 +52,28 @@ def test_params_are_frozen_and_hash_changes_with_values():
     changed = parse_params({"train": {"epochs": 3}})
     assert params.stage_hash("train") != changed.stage_hash("train")
     assert params.stage_hash("preprocess") == changed.stage_hash("preprocess")
+
+
+def test_gate_has_its_own_section_named_as_the_stage():
+    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
+    assert params.gate.thresholds == {"ap50": 0.5, "sens_at_1fp": 0.6}
+    assert "gate" not in params.register_.model_dump()
+
+
+def test_an_older_params_file_with_register_gate_still_loads_with_a_warning(caplog):
+    old = {"register": {"model_name": "m", "gate": {"min_delta": 0.05}}}
+    with caplog.at_level("WARNING"):
+        params = parse_params(old)
+    assert params.gate.min_delta == 0.05 and params.register_.model_name == "m"
+    assert "register.gate" in caplog.text and "top-level `gate`" in caplog.text
+    with pytest.raises(ConfigError, match="both `gate` and `register.gate`"):
+        parse_params({**old, "gate": {"min_delta": 0.1}})
+
+
+def test_the_gate_policy_does_not_change_the_model_params_hash():
+    from pipeline_steps.register import params_hash
+
+    base = parse_params({})
+    stricter = parse_params({"gate": {"min_delta": 0.2}})
+    assert params_hash(base) == params_hash(stricter)
+    assert params_hash(base) != params_hash(parse_params({"train": {"seed": 8}}))

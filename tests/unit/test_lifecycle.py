@@ -219,3 +219,31 @@ def test_an_undefined_metric_never_passes():
         n_patients=3,
     )
     assert not decision.passed
+
+
+def _details(decision) -> dict[str, str]:
+    return {c.name: c.detail for c in decision.checks}
+
+
+def test_gate_messages_state_the_comparison_that_held():
+    params = GateParams(thresholds={"ap50": 0.5}, min_delta=0.05)
+    failed = decide_gate({"ap50": 0.4698}, {"ap50": 0.45}, (0.0198, -0.01, 0.04), params, 10, 5)
+    assert failed.reason == (
+        "failed: ap50 0.470 < floor 0.5; ap50 delta over production 0.020 < min_delta 0.05; "
+        "95% CI of the delta [-0.010, 0.040]: lower bound -0.010 <= 0"
+    )
+    passed = decide_gate({"ap50": 0.612}, {"ap50": 0.5}, (0.112, 0.031, 0.19), params, 10, 5)
+    assert passed.passed and _details(passed) == {
+        "threshold:ap50": "ap50 0.612 >= floor 0.5",
+        "min_delta": "ap50 delta over production 0.112 >= min_delta 0.05",
+        "ci_lower_bound": "95% CI of the delta [0.031, 0.190]: lower bound 0.031 > 0",
+    }
+
+
+def test_gate_messages_never_round_a_value_onto_the_wrong_side_of_its_bound():
+    params = GateParams(thresholds={"ap50": 0.5})
+    near = decide_gate({"ap50": 0.49996}, {"ap50": 0.4}, (0.0004, 0.00004, 0.1), params, 10, 5)
+    assert _details(near)["threshold:ap50"] == "ap50 0.49996 < floor 0.5"
+    assert _details(near)["ci_lower_bound"].endswith("lower bound 0.00004 > 0")
+    undefined = decide_gate({"ap50": float("nan")}, None, None, params, 3, 3)
+    assert undefined.reason == "failed: ap50 is undefined (nan), needs >= floor 0.5"

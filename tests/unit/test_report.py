@@ -119,6 +119,22 @@ def test_validation_failures_are_visible() -> None:
     assert 'class="fail"' in row
 
 
+def test_the_pseudonym_key_mode_is_shown_and_the_public_key_stands_out() -> None:
+    def page(mode: str | None) -> str:
+        validation = {"success": True, "n_images": 4, "expectations": []}
+        if mode is not None:
+            validation["pseudonym_key"] = mode
+        return render_report(ReportInputs(_metrics(), _details(), validation=validation))
+
+    development = page("development")
+    assert '<td class="l">Pseudonym key</td><td>development</td>' in development
+    assert "PUBLIC development key (RADFLOW_PSEUDONYM_DEV_MODE=1)" in development
+    configured = page("configured")
+    assert '<td class="l">Pseudonym key</td><td>configured</td>' in configured
+    assert "PUBLIC development key" not in configured
+    assert '<td class="l">Pseudonym key</td><td>not recorded</td>' in page(None)
+
+
 def test_training_time_is_summed_over_epochs_and_judged() -> None:
     history = {"history": {"epoch_seconds": [100.0, 130.0, 20.0]}}
     assert training_minutes(history) == pytest.approx(250 / 60)

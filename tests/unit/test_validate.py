@@ -267,3 +267,22 @@ def test_header_oddities_are_only_warnings(tmp_path, make_dicom):
         "expect_column_values_to_be_in_set(body_part_missing)": {"nobodypart"},
         "expect_column_values_to_be_between(window_count)": {"twowindows"},
     }
+
+
+def test_the_validate_stage_without_a_key_stops_before_writing_anything(
+    tmp_path, make_dicom, monkeypatch
+):
+    from pipeline_steps import validate
+    from pipeline_steps.core.config import ValidateParams
+    from pipeline_steps.core.errors import ConfigError
+    from pipeline_steps.core.layout import Layout
+
+    monkeypatch.delenv("RADFLOW_PSEUDONYM_DEV_MODE")
+    monkeypatch.delenv("RADFLOW_PSEUDONYM_KEY", raising=False)
+    layout = Layout(tmp_path / "ws")
+    for i in range(2):
+        make_dicom(layout.raw_images / f"img{i}.dcm", patient_id=f"P{i}")
+    before = sorted(p for p in layout.root.rglob("*"))
+    with pytest.raises(ConfigError, match="RADFLOW_PSEUDONYM_KEY is not set"):
+        validate.run(layout, INGEST, ValidateParams(), data_version="nokey.dir")
+    assert sorted(p for p in layout.root.rglob("*")) == before  # no half-written outputs
