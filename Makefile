@@ -17,7 +17,18 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	RADFLOW_PSEUDONYM_DEV_MODE=1 $(VENV)/bin/radflow run
 
+# The PostgreSQL tests start their own server with initdb/pg_ctl unless RADFLOW_TEST_POSTGRES_URL names
+# one. Missing both, as root on Debian/Ubuntu, install the server; otherwise the tests say what to do.
 test: $(STAMP)
+	@[ -n "$$RADFLOW_TEST_POSTGRES_URL" ] || command -v initdb >/dev/null \
+	  || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+	  || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
+	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) \
+	  || echo "make test: could not install postgresql; the PostgreSQL tests will fail" >&2
+	@# The offline Data Docs test renders pages in headless Chromium (Debian's package).
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
+	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	  || echo "make test: could not install chromium; the offline Data Docs test will fail" >&2
 	$(VENV)/bin/pytest
 
 lint: $(STAMP)

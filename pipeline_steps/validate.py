@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline_steps.core import data_docs
 from pipeline_steps.core.config import IngestParams, ValidateParams
 from pipeline_steps.core.deid import pseudonym_key
 from pipeline_steps.core.dicom_tags import GRAYSCALE
@@ -328,6 +329,7 @@ def _context(store: GxStore | None) -> Any:
     if store is None:
         context = gx.get_context(mode="ephemeral")
         context.variables.progress_bars = no_bars
+        context.variables.analytics_enabled = False
         return context
     context = gx.get_context(mode="file", project_root_dir=str(store.project))
     bars = context.variables.progress_bars
@@ -335,6 +337,10 @@ def _context(store: GxStore | None) -> Any:
         bars.get("globally") if isinstance(bars, dict) else getattr(bars, "globally", None)
     ) is not False:
         context.variables.progress_bars = no_bars
+        context.variables.save()
+    # Off in the workspace's own config (hospital networks are offline); a `true` there opts in.
+    if context.variables.analytics_enabled is None:
+        context.variables.analytics_enabled = False
         context.variables.save()
     # Relative to the context root, so the workspace can move.
     docs_dir = os.path.relpath(store.data_docs, store.root) + os.sep
@@ -489,7 +495,7 @@ def validate_tables(
     """Run the metadata and label suites; critical failures make `success` false.
 
     With `store`, results go to the file-backed GX context under the data version and Data Docs are
-    updated; without it, an in-memory context leaves nothing behind.
+    updated (self-contained: see core/data_docs); without it, an in-memory context leaves nothing behind.
     """
     boxes, summary = label_tables(metadata, labels)
     results, result_id, result_ids = _gx_results(
@@ -499,6 +505,8 @@ def validate_tables(
         store,
         data_version,
     )
+    if store:  # GX's pages load their styles and tables from CDNs; hospitals run them offline
+        data_docs.make_offline(store.data_docs)
     labelled = summary["positive"].notna()
     fraction = float(summary.loc[labelled, "positive"].mean()) if labelled.any() else float("nan")
     return ValidationReport(

@@ -34,8 +34,23 @@ def _own_info_only(record: logging.LogRecord) -> bool:
     )
 
 
+# radflow runs on hospital networks without internet: nothing the embedded services start may phone
+# home (offline, Prefect's temporary server logs an ERROR for each telemetry heartbeat it cannot
+# send). Defaults only: a user who sets one of these opts in. DVC is off per workspace
+# (core.analytics false in flows/workspace.py, DVC_NO_ANALYTICS for the DVC radflow runs).
+TELEMETRY_OFF = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # the server's heartbeat, and the SDK's events
+    "DO_NOT_TRACK": "1",  # the cross-tool convention; Prefect's SDK reads it first
+    "MLFLOW_DISABLE_TELEMETRY": "true",  # MLflow 3's usage events (client and UI)
+    "GX_ANALYTICS_ENABLED": "false",  # GX's switch (the workspace's GX context sets it too)
+}
+
+
 def _setup_environment() -> None:
-    """Quiet noisy libraries and route radflow's loggers through Prefect; done at start-up, not import."""
+    """Quiet noisy libraries, turn telemetry off and route radflow's loggers through Prefect; done
+    at start-up, not import (before any command imports Prefect, which reads its settings once)."""
+    for name, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(name, value)
     # TensorFlow's C++ start-up chatter (oneDNN, CPU features) is noise to a user; Python errors still raise.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_steps,radflow")

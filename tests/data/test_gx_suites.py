@@ -1,4 +1,5 @@
-"""The GX suites in a file-backed context: good, broken and warning-only batches, Data Docs, and PHI."""
+"""The GX suites in a file-backed context: good, broken and warning-only batches, Data Docs (offline
+in a browser too), and PHI."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ import yaml
 
 from pipeline_steps import validate
 from pipeline_steps.core.config import IngestParams, SynthParams, ValidateParams
+from pipeline_steps.core.data_docs import remote_references
 from pipeline_steps.core.errors import ValidationFailed
 from pipeline_steps.core.labels import LABEL_COLUMNS, NO_FINDING
 from pipeline_steps.core.layout import Layout
 from pipeline_steps.core.screening import build_metadata
 from pipeline_steps.ingest import ingest_directory
 from pipeline_steps.synthetic import collect_phi, generate_dataset
+from tests import chromium
 from tests.conftest import build_dicom
 
 INGEST = IngestParams()
@@ -108,6 +111,66 @@ def test_a_broken_batch_is_stopped_naming_the_expectation_and_rows(layout, synth
     assert saved["failures"][0]["offending"][0]["image_id"] == bad_id
     page = layout.reports / "data_docs" / "validations" / f"{saved['gx_results']['labels']}.html"
     assert page.is_file()
+
+
+SUCCESS_GREEN, FAILURE_RED = (
+    "rgb(40, 167, 69)",
+    "rgb(220, 53, 69)",
+)  # Bootstrap's text-success/-danger
+
+
+def _marks(icons: list[dict]) -> list[tuple[str, str]]:
+    """(shape, colour) of the pass/fail marks the browser can draw: a box of their own and a shape
+    from radflow's local CSS (without it they are empty <i> elements, 0 px wide)."""
+    return [
+        (shape, icon["color"])
+        for icon in icons
+        for shape in icon["classes"].split()
+        if shape in ("fa-check-circle", "fa-times")
+        and icon["width"] not in ("auto", "0px")
+        and icon["mask"].startswith('url("data:image/svg')
+    ]
+
+
+def test_data_docs_render_offline_with_results_and_pass_fail_marks(layout):
+    """With every host unreachable, the index lists each suite's result with its mark and a failed
+    validation page shows the failed expectation with a red cross; nothing is fetched remotely."""
+    chromium.chromium()  # fail first, with how to install it, where there is no browser
+    validate.run(layout, INGEST, PARAMS, data_version="good.dir")
+    labels = pd.read_csv(layout.raw_labels)
+    labels.loc[labels.index[labels["label"] != NO_FINDING][0], "x_max"] = 5000.0
+    labels.to_csv(layout.raw_labels, index=False)
+    with pytest.raises(ValidationFailed):
+        validate.run(layout, INGEST, PARAMS, data_version="bad0.dir")
+
+    site = layout.data_docs
+    pages = sorted(site.rglob("*.html"))
+    assert len(pages) == 1 + 3 + 2 * 3  # the index, a page per suite, a page per result
+    assert {p: remote_references(p.read_text()) for p in pages} == {p: [] for p in pages}
+
+    index = chromium.probe_page(site / "index.html")
+    assert len(index["stylesheets"]) == 2
+    assert all(s.startswith("file://") for s in index["stylesheets"])
+    assert all(r.startswith(("file://", "data:")) for r in index["resources"]), index["resources"]
+    assert index["containerPadding"] == "48px"  # Bootstrap's pl-5: the vendored CSS applied
+    results = [r for r in index["rows"] if ".dir" in r]
+    assert len(results) == 6
+    assert {w for r in results for w in r.split() if w.endswith(".dir")} == {"good.dir", "bad0.dir"}
+    assert sorted(_marks(index["icons"])) == sorted(
+        [("fa-check-circle", SUCCESS_GREEN)] * 5 + [("fa-times", FAILURE_RED)]
+    ), index["icons"]
+
+    saved = json.loads(layout.validation_report.read_text())
+    failed = chromium.probe_page(site / "validations" / f"{saved['gx_results']['labels']}.html")
+    assert all(r.startswith(("file://", "data:")) for r in failed["resources"])
+    assert "Unsuccessful Expectations\n\t\n1" in failed["rows"]
+    (row,) = [r for r in failed["rows"] if r.startswith("Values in columns must always be greater")]
+    assert "x_max" in row and "1 unexpected values found" in row
+    assert {("fa-times", FAILURE_RED), ("fa-check-circle", SUCCESS_GREEN)} <= set(
+        _marks(failed["icons"])
+    )
+    config = yaml.safe_load((layout.root / "gx" / "great_expectations.yml").read_text())
+    assert config["analytics_enabled"] is False
 
 
 def test_an_extra_phi_column_is_stopped_and_its_values_stored_nowhere(layout):

@@ -1,11 +1,10 @@
-"""Real services on loopback for the integration tests: moto's S3 server, fresh PostgreSQL databases,
+"""Real services on loopback for the integration tests: moto's S3 server, PostgreSQL (postgres.py),
 MLflow and Prefect servers, and a TCP proxy that injects network faults. Every process started here is
 stopped by the fixture that started it, pass or fail."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -18,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from flows.servers import prefect_api_url, prefect_server_command, stop, tool, wait_ready
+from tests.integration.postgres import Postgres, PostgresUnavailable, postgres_server
 
-PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "radflow-test",
     "AWS_SECRET_ACCESS_KEY": "radflow-test-secret",
@@ -242,36 +241,15 @@ def flaky_s3(moto) -> Iterator[FlakyProxy]:
 # -- PostgreSQL ------------------------------------------------------------------------------------
 
 
-def _psql(sql: str) -> None:
-    subprocess.run(
-        ["psql", "-h", PG_HOST, "-p", str(PG_PORT), "-U", PG_USER, "-qc", sql],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-
-
-@contextmanager
-def pg_database(prefix: str) -> Iterator[str]:
-    """A new, empty database; dropped (connections and all) afterwards. Yields its name."""
-    if shutil.which("psql") is None:
-        pytest.fail("psql is not installed: the PostgreSQL-backed tests cannot create databases")
-    name = f"radflow_{prefix}_{uuid.uuid4().hex[:8]}"
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """The server at RADFLOW_TEST_POSTGRES_URL, else a throwaway cluster for the session. Tests make
+    their own databases in it (`postgres.database(prefix)`). No server fails the tests, never skips."""
     try:
-        _psql(f'CREATE DATABASE "{name}"')
-    except subprocess.CalledProcessError as exc:
-        pytest.fail(
-            f"PostgreSQL at {PG_HOST}:{PG_PORT} refused CREATE DATABASE ({exc.stderr.strip()}); "
-            "these tests need a local PostgreSQL with trust auth for user postgres"
-        )
-    try:
-        yield name
-    finally:
-        _psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def pg_url(driver: str, database: str) -> str:
-    return f"postgresql+{driver}://{PG_USER}@{PG_HOST}:{PG_PORT}/{database}"
+        with postgres_server() as server:
+            yield server
+    except PostgresUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 # -- MLflow and Prefect servers -------------------------------------------------------------------

@@ -644,18 +644,11 @@ def ledger_backend(request, fresh, monkeypatch):
     if request.param == "sqlite":
         yield os.environ["RADFLOW_LEDGER_URL"]
         return
-    if subprocess.run(["pg_isready", "-h", "127.0.0.1", "-q"]).returncode != 0:
-        pytest.skip("PostgreSQL is not running on 127.0.0.1:5432 (see STACK-NOTES)")
-    name = f"radflow_ledger_{os.getpid()}"
-    psql = ["psql", "-h", "127.0.0.1", "-U", "postgres", "-qc"]
-    subprocess.run([*psql, f"DROP DATABASE IF EXISTS {name}"], check=True)
-    subprocess.run([*psql, f"CREATE DATABASE {name}"], check=True)
-    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
-    monkeypatch.setenv("RADFLOW_LEDGER_URL", url)
-    try:
+    postgres = request.getfixturevalue("postgres")  # only here: SQLite runs need no server
+    with postgres.database("ledger") as name:
+        url = postgres.database_url(name)
+        monkeypatch.setenv("RADFLOW_LEDGER_URL", url)
         yield url
-    finally:
-        subprocess.run([*psql, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"], check=True)
 
 
 def test_two_racing_promotions_one_wins_one_fails_cleanly(fresh, ledger_backend):

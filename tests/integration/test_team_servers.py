@@ -29,8 +29,6 @@ from tests.integration.conftest import (
     Moto,
     mlflow_server,
     nightly_workspace,
-    pg_database,
-    pg_url,
     prefect_server,
     registered_versions,
     synth_to_landing,
@@ -45,7 +43,7 @@ TIMEZONE = "Europe/Berlin"
 
 
 @pytest.fixture(scope="module")
-def team(tmp_path_factory):
+def team(tmp_path_factory, postgres):
     """S3 (moto), and MLflow and Prefect servers each on its own new PostgreSQL database. MLflow
     reaches S3 through a proxy, so a test can cut it off."""
     logs = tmp_path_factory.mktemp("team-logs")
@@ -54,8 +52,8 @@ def team(tmp_path_factory):
     try:
         with (
             pytest.MonkeyPatch.context() as mp,
-            pg_database("mlflow") as mlflow_db,
-            pg_database("prefect") as prefect_db,
+            postgres.database("mlflow") as mlflow_db,
+            postgres.database("prefect") as prefect_db,
         ):
             for key, value in AWS_ENV.items():
                 mp.setenv(key, value)
@@ -71,17 +69,20 @@ def team(tmp_path_factory):
                 s3.create_bucket(Bucket=bucket)
             mlflow = mlflow_server(
                 logs,
-                pg_url("psycopg2", mlflow_db),
+                postgres.database_url(mlflow_db, "psycopg2"),
                 f"s3://{ARTIFACT_BUCKET}/radflow",
                 {**AWS_ENV, "MLFLOW_S3_ENDPOINT_URL": proxy.url},
             )
-            prefect = prefect_server(logs, pg_url("asyncpg", prefect_db), logs / "prefect-home")
+            prefect = prefect_server(
+                logs, postgres.database_url(prefect_db, "asyncpg"), logs / "prefect-home"
+            )
             try:
                 mlflow.start()
                 prefect.start()
                 mlflow_uri = mlflow.ready_url.removesuffix("/health")
                 mp.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
                 yield {
+                    "postgres": postgres,
                     "s3": s3_server,
                     "proxy": proxy,
                     "mlflow": mlflow,
@@ -99,14 +100,10 @@ def team(tmp_path_factory):
         s3_server.stop()
 
 
-def psql(database: str, sql: str) -> str:
-    done = subprocess.run(
-        ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", database, "-Atc", sql],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return done.stdout.strip()
+def query(team: dict, database: str, sql: str) -> str:
+    """Rows as `psql -At` prints them: one a line, columns joined by |."""
+    rows = team["postgres"].query(sql, database)
+    return "\n".join("|".join(str(value) for value in row) for row in rows)
 
 
 @pytest.fixture(scope="module")
@@ -128,15 +125,16 @@ def test_a_model_registers_and_promotes_through_mlflow_on_postgresql_with_s3_art
     layout, params = registry_ws
     registered = stages.register(layout, params)
     assert registered.model_version == "1"
-    assert psql(team["mlflow_db"], "select count(*) from model_versions") == "1"  # on PostgreSQL
+    # on PostgreSQL
+    assert query(team, team["mlflow_db"], "select count(*) from model_versions") == "1"
 
     outcome = run_gate(layout, params, "1", run_id=registered.run_id)
     assert outcome.result.passed and outcome.stages == ("staging",)
     reg = registry.open_registry(layout, params.register_.model_name)
     assert reg.aliases() == {"staging": "1"}
-    assert psql(team["mlflow_db"], "select alias, version from registered_model_aliases") == (
-        "staging|1"
-    )
+    assert query(
+        team, team["mlflow_db"], "select alias, version from registered_model_aliases"
+    ) == ("staging|1")
 
     # The model's bytes went to S3 through the server, and come back the same.
     local = hashlib.sha256(layout.model.read_bytes()).hexdigest()
@@ -415,8 +413,8 @@ def test_an_mlflow_outage_mid_run_fails_the_night_and_moves_no_alias(
 
 
 def test_both_servers_keep_their_state_in_postgresql(team):
-    assert int(psql(team["mlflow_db"], "select count(*) from registered_models")) >= 2
-    names = psql(team["prefect_db"], "select name from deployment").splitlines()
+    assert int(query(team, team["mlflow_db"], "select count(*) from registered_models")) >= 2
+    names = query(team, team["prefect_db"], "select name from deployment").splitlines()
     assert "radflow-nightly" in names
 
 
