@@ -23,7 +23,7 @@ from flows.registry import (
     governance,
     promote,
 )
-from flows.tracking import load_pyfunc, public_uri, tracking_uri
+from flows.tracking import load_pyfunc
 from pipeline_steps.core.config import Params
 from pipeline_steps.core.errors import DataError, TrackingError
 from pipeline_steps.core.layout import Layout
@@ -85,13 +85,7 @@ def predict_registered(
     """(k, 5) boxes per path in original pixels, from the registered pyfunc of `version`."""
     import pandas as pd
 
-    try:
-        model = load_pyfunc(layout, model_name, version)
-    except Exception as exc:
-        raise TrackingError(
-            f"cannot load {model_name} version {version} from {public_uri(tracking_uri(layout))}: "
-            f"{str(exc).splitlines()[0][:300]}"
-        ) from None
+    model = load_pyfunc(layout, model_name, version)
     schema = model.metadata.get_input_schema()
     if schema is None or schema.input_names() != [INPUT_COLUMN]:
         raise IncomparableModel(

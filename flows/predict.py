@@ -23,11 +23,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.registry import open_registry
-from flows.tracking import load_pyfunc, public_uri, tracking_uri
+from flows.tracking import load_pyfunc
 from flows.versioning import code_version
 from flows.workspace import open_workspace
 from pipeline_steps.core.config import Params
-from pipeline_steps.core.errors import DataError, TrackingError
+from pipeline_steps.core.errors import DataError
 from pipeline_steps.core.files import atomic_path
 from pipeline_steps.core.layout import Layout
 from pipeline_steps.governance.ledger import Ledger, open_ledger
@@ -93,20 +93,14 @@ def load_model(
 ) -> LoadedModel:
     """Resolve and load a registered version (its pyfunc's Keras detector and serving config)."""
     ref, data_version = resolve_version(layout, params, stage=stage, version=version)
-    uri = tracking_uri(layout)
+    pyfunc = load_pyfunc(layout, ref.name, ref.version)  # a TrackingError says why it cannot
     try:
-        pyfunc = load_pyfunc(layout, ref.name, ref.version)
         model = pyfunc.unwrap_python_model()
         detector, config = model.detector, model.config
-    except AttributeError:
+    except Exception:  # not a PythonModel, or one without the detector: not radflow's
         raise DataError(
             f"{ref.name} version {ref.version} is not a radflow DICOM model (registered before the "
             "pyfunc existed?); predict with a newer version"
-        ) from None
-    except Exception as exc:
-        raise TrackingError(
-            f"cannot load {ref.name} version {ref.version} from {public_uri(uri)}: "
-            f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}"
         ) from None
     return LoadedModel(detector, config, ref, data_version)
 

@@ -81,12 +81,19 @@ def mlflow_client(uri: str) -> MlflowClient:
 
 
 def load_pyfunc(layout: Layout, model_name: str, version: str) -> Any:
-    """The registered pyfunc of `version`, as MLflow loads it; MLflow's errors are the caller's to
-    word."""
+    """The registered pyfunc of `version`, as MLflow loads it. Any failure is a TrackingError that
+    names the version and the store (credentials stripped) and MLflow's first line of explanation."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(layout))
-    return mlflow.pyfunc.load_model(f"models:/{model_name}/{version}")
+    uri = tracking_uri(layout)
+    try:
+        mlflow.set_tracking_uri(uri)
+        return mlflow.pyfunc.load_model(f"models:/{model_name}/{version}")
+    except Exception as exc:
+        why = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise TrackingError(
+            f"cannot load {model_name} version {version} from {public_uri(uri)}: {why}"
+        ) from None
 
 
 def _experiment_id(client: MlflowClient, name: str, layout: Layout) -> str:
