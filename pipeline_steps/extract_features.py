@@ -333,14 +333,6 @@ def _images(layout: Layout, manifest: pd.DataFrame) -> Iterator[tuple[dict[str, 
                 yield row, np.asarray(data[int(row["index"])], dtype=np.float32) / QUANT
 
 
-def read_embeddings_version(path: Path) -> str:
-    """The model version recorded in an embeddings file ("" if none)."""
-    import pyarrow.parquet as pq
-
-    metadata = pq.read_schema(path).metadata or {}
-    return metadata.get(b"radflow:model_version", b"").decode()
-
-
 def build_features(
     layout: Layout,
     params: ExtractFeaturesParams,
