@@ -14,9 +14,12 @@ from numpy.typing import NDArray
 
 from pipeline_steps.core.config import DetectionParams
 from pipeline_steps.core.errors import DataError
+from pipeline_steps.core.files import atomic_path
 from pipeline_steps.core.layout import Layout
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from pipeline_steps.core.transforms import Geometry
 
 from pipeline_steps.core.bootstrap import bootstrap_cis, paired_bootstrap_ci
@@ -122,6 +125,35 @@ def _write_froc_csv(curve: FrocResult, path: Path) -> None:
     path.write_text("\n".join(rows) + "\n")
 
 
+def grid_detections(
+    deep: Sequence[FloatArray],
+    baseline: Sequence[FloatArray] | None,
+    shown: Sequence[int],
+    served_threshold: float,
+    baseline_threshold: float | None,
+) -> dict[str, list[FloatArray]]:
+    """The boxes the report's grid draws for the images at positions `shown`, keyed by the legend
+    label: the deep model at the served threshold (`test.score_threshold`, what `radflow predict`
+    returns), the classical baseline (never served) at its own 1 FP/image operating point."""
+    cuts: dict[str, tuple[Sequence[FloatArray], float]] = {
+        f"deep model, score \u2265 {served_threshold:.2f} (served)": (deep, served_threshold)
+    }
+    if baseline is not None and baseline_threshold is not None:
+        label = f"classical baseline, score \u2265 {baseline_threshold:.2f} (1 FP/image)"
+        cuts[label] = (baseline, baseline_threshold)
+    return {
+        name: [boxes[k][boxes[k][:, 4] >= threshold] for k in shown]
+        for name, (boxes, threshold) in cuts.items()
+    }
+
+
+def _write_parquet_atomic(table: pd.DataFrame, path: Path) -> None:
+    # A DVC-cached out: with link-type caches the old file may be a hardlink into the cache, so it
+    # is replaced, never rewritten in place.
+    with atomic_path(path) as tmp:
+        table.to_parquet(tmp, index=False)
+
+
 def run(
     layout: Layout,
     params: DetectionParams,
@@ -209,6 +241,7 @@ def run(
         "n_patients": len(set(patients)),
         "grid_ids": grid_ids,
         "operating_threshold": params.score_threshold,
+        "grid_thresholds": {"deep": params.score_threshold},
     }
     baseline: list[FloatArray] | None = None
     baseline_input: list[FloatArray] = []
@@ -237,16 +270,21 @@ def run(
         metrics["ap50_minus_baseline_ci_low"], metrics["ap50_minus_baseline_ci_high"] = low, high
         details["baseline"] = base_details
         details["baseline_radius_per_sigma"] = detector.radius_per_sigma
+        details["grid_thresholds"] = {
+            "deep": params.score_threshold,
+            "baseline": base_metrics["threshold_at_1fp"],
+        }
 
     layout.reports.mkdir(parents=True, exist_ok=True)
     layout.plots.mkdir(parents=True, exist_ok=True)
     columns = ["image_id", "x_min", "y_min", "x_max", "y_max", "score"]
-    pd.DataFrame(_prediction_rows(image_ids, deep), columns=columns).to_parquet(
-        layout.predictions, index=False
+    _write_parquet_atomic(
+        pd.DataFrame(_prediction_rows(image_ids, deep), columns=columns), layout.predictions
     )
     if baseline is not None:
-        pd.DataFrame(_prediction_rows(image_ids, baseline), columns=columns).to_parquet(
-            layout.baseline_predictions, index=False
+        _write_parquet_atomic(
+            pd.DataFrame(_prediction_rows(image_ids, baseline), columns=columns),
+            layout.baseline_predictions,
         )
     layout.metrics.write_text(json.dumps(_finite_or_none(metrics), indent=2, sort_keys=True))
     layout.test_details.write_text(json.dumps(_finite_or_none(details), indent=2))
@@ -261,19 +299,19 @@ def run(
     plot_pr(deep, gts, layout.pr_plot, others=others, label="deep model")
     plot_calibration(calibration_curve(deep, gts), layout.calibration_plot)
 
-    # The grid shows each detector at its own 1 FP/image operating point on this test split.
+    # The grid shows the deep model as it is served; the baseline at its 1 FP/image point.
     position = {image_id: k for k, image_id in enumerate(image_ids)}
     shown = [position[i] for i in grid_ids]
-    cut = {"deep model": (deep_input, float(metrics["threshold_at_1fp"]))}
-    if baseline is not None:
-        cut["classical baseline"] = (baseline_input, float(metrics["baseline_threshold_at_1fp"]))
     plot_detection_grid(
         [grid_images[i] for i in grid_ids],
         [geometries[k].forward(gts[k]) if len(gts[k]) else np.zeros((0, 4)) for k in shown],
-        {
-            name: [boxes[k][boxes[k][:, 4] >= threshold] for k in shown]
-            for name, (boxes, threshold) in cut.items()
-        },
+        grid_detections(
+            deep_input,
+            baseline_input if baseline is not None else None,
+            shown,
+            params.score_threshold,
+            float(metrics["baseline_threshold_at_1fp"]) if baseline is not None else None,
+        ),
         layout.test_grid,
         titles=[f"{i[:10]} ({len(gts[position[i]])} lesions)" for i in grid_ids],
     )

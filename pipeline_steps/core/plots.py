@@ -153,6 +153,11 @@ def plot_pr(
     return _save(fig, path)
 
 
+# Score labels of the detection grid: at this size, on a filled box, they stay legible when the page
+# scales the figure to its column (about 1200 px for 4 images of 3.6 in at 100 dpi).
+GRID_LABEL_PT = 10.0
+
+
 def plot_detection_grid(
     images: Sequence[ArrayLike],
     gts: Sequence[ArrayLike],
@@ -165,7 +170,8 @@ def plot_detection_grid(
     of ``detections``: red solid, then blue dashed, ...) with scores, to a PNG at ``path``.
 
     Boxes are in the images' pixels; the caller chooses which boxes to show (e.g. those above
-    an operating threshold).
+    the served threshold) and names each detector's entry as its legend should read. Scores are
+    written in white on a box of the detector's colour, above the box (below it at the top edge).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -176,39 +182,52 @@ def plot_detection_grid(
     if n == 0:
         raise ValueError("plot_detection_grid needs at least one image")
     styles = [("red", "-"), ("deepskyblue", "--"), ("orange", ":")]
+    label_colours = {"red": "#c00000", "deepskyblue": "#0b5fa5", "orange": "#a65c00"}
     rows = math.ceil(n / columns)
-    fig = Figure(figsize=(3.2 * columns, 3.4 * rows + 0.5), layout="constrained")
+    fig = Figure(figsize=(3.6 * columns, 3.8 * rows + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, columns, squeeze=False)
     for k, ax in enumerate(axes.flat):
         ax.set_axis_off()
         if k >= n:
             continue
-        ax.imshow(np.asarray(images[k]), cmap="gray", vmin=0.0, vmax=1.0)
+        image = np.asarray(images[k])
+        ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0)
         for x0, y0, x1, y1 in as_boxes(gts[k], 4, f"gts[{k}]"):
             pad = 2.0  # drawn just outside the lesion, so the lesion itself stays visible
             ax.add_patch(
                 Rectangle(
                     (x0 - pad, y0 - pad), x1 - x0 + 2 * pad, y1 - y0 + 2 * pad,
-                    fill=False, ec="lime", lw=1.2,
+                    fill=False, ec="lime", lw=1.5,
                 )
             )  # fmt: skip
         for (_, boxes), (colour, style) in zip(detections.items(), styles, strict=False):
             for x0, y0, x1, y1, score in as_boxes(boxes[k], 5, f"detections[{k}]"):
                 ax.add_patch(
-                    Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=colour, ls=style, lw=1.0)
+                    Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=colour, ls=style, lw=1.5)
                 )
-                ax.text(x0, y0 - 2, f"{score:.2f}", color=colour, fontsize=6)
+                top = y0 > 0.08 * image.shape[0]  # room above the box for the label
+                ax.text(
+                    x0,
+                    y0 - 2 if top else y1 + 2,
+                    f"{score:.2f}",
+                    color="white",
+                    fontsize=GRID_LABEL_PT,
+                    fontweight="bold",
+                    va="bottom" if top else "top",
+                    bbox={"facecolor": label_colours[colour], "edgecolor": "none", "pad": 1.5},
+                    clip_on=True,
+                )
         if titles is not None:
-            ax.set_title(titles[k], fontsize=8)
-    handles = [Line2D([], [], color="lime", label="ground truth")] + [
-        Line2D([], [], color=colour, ls=style, label=name)
+            ax.set_title(titles[k], fontsize=10)
+    handles = [Line2D([], [], color="lime", lw=2, label="ground truth")] + [
+        Line2D([], [], color=colour, ls=style, lw=2, label=name)
         for name, (colour, style) in zip(detections, styles, strict=False)
     ]
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9)
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=11)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100)
     return out
 
 

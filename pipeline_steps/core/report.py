@@ -1,9 +1,12 @@
-"""The test report, `reports/latest/index.html`: one self-contained page with the deep model against
-the classical baseline (metrics with bootstrap CIs, FROC/PR/calibration plots, lesion sizes,
-subgroups), a grid of test images, the training curves and the data validation summary.
+"""The test report, `reports/latest/index.html`: one self-contained page naming the model it judges,
+with the deep model against the classical baseline (metrics with bootstrap CIs, the gate's floors,
+FROC/PR/calibration plots, lesion sizes, subgroups), a grid of test images at the served threshold,
+the training curves and the data validation summary.
 
-`render_report` is a pure function from the stage outputs to HTML; `run` is the edge that reads
-them from the workspace, embeds the PNGs and writes the page.
+The `test` stage writes the page before the model is registered, so it names the candidate by the
+sha256 of its model file; `with_registration` fills in the registered version and MLflow run
+afterwards (the register edge does it in the copy logged to that run). `render_report` is a pure
+function from the stage outputs to HTML; `run` is the edge that reads them from the workspace.
 """
 
 from __future__ import annotations
@@ -19,25 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline_steps.core.deid import DEV_MODE_VARIABLE, DEVELOPMENT
-from pipeline_steps.core.files import write_text_atomic
+from pipeline_steps.core.errors import DataError
+from pipeline_steps.core.files import file_sha256, write_text_atomic
 from pipeline_steps.core.layout import Layout
 
-
-@dataclass(frozen=True)
-class Target:
-    """A quality target of issue 5 on the default data: `metric` must reach `minimum`."""
-
-    metric: str
-    minimum: float
-    label: str
-
-
-QUALITY_TARGETS = (
-    Target("sens_at_1fp", 0.90, "FROC sensitivity at 1 FP/image"),
-    Target("ap50", 0.80, "AP@0.5"),
-    Target("ap50_minus_baseline", 0.15, "AP@0.5 above the classical baseline"),
-)
-TRAINING_MINUTES_TARGET = 6.0
+# The registration block: written "pending" by the test stage, replaced by `with_registration`.
+_REGISTRATION_START, _REGISTRATION_END = "<!-- registration -->", "<!-- /registration -->"
 
 # Rows of the deep-vs-classical table: metrics.json key and label.
 HEADLINE = (
@@ -101,6 +91,18 @@ class ReportInputs:
     images: Mapping[str, bytes] = field(default_factory=dict)  # plot file name -> PNG bytes
     data_version: str = ""
     generated_at: str = ""
+    # The gate's absolute floors (params.yaml gate.thresholds): the one source of the targets.
+    floors: Mapping[str, float] = field(default_factory=dict)
+    model_sha256: str = ""  # of the model file the test stage scored: the candidate's identity
+
+
+@dataclass(frozen=True)
+class Registration:
+    """The registered model version and the MLflow run that holds it and this report."""
+
+    model_name: str
+    version: str
+    run_id: str
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,29 +148,79 @@ def training_minutes(history: Mapping[str, Any] | None) -> float | None:
 # Sections
 
 
-def _targets_section(inputs: ReportInputs) -> str:
+def _floors_section(inputs: ReportInputs) -> str:
+    labels = dict(HEADLINE)
     rows = []
-    for target in QUALITY_TARGETS:
-        value = inputs.metrics.get(target.metric)
-        ok = value is not None and math.isfinite(value) and value >= target.minimum
+    for metric, floor in sorted(inputs.floors.items()):
+        value = inputs.metrics.get(metric)
+        # As the gate judges it: the value itself against the floor, never a rounded display.
+        ok = value is not None and math.isfinite(value) and value >= floor
         rows.append(
-            f'<tr><td class="l">{html.escape(target.label)}</td><td>&ge; {target.minimum:.2f}</td>'
-            f"<td>{_with_ci(inputs.metrics, target.metric)}</td>"
+            f'<tr><td class="l">{html.escape(labels.get(metric, metric))}</td>'
+            f'<td class="l">{html.escape(metric)}</td><td>&ge; {floor:g}</td>'
+            f"<td>{_with_ci(inputs.metrics, metric)}</td>"
             f'<td class="{"pass" if ok else "fail"}">{"met" if ok else "not met"}</td></tr>'
         )
-    minutes = training_minutes(inputs.history)
-    if minutes is not None:
-        ok = minutes <= TRAINING_MINUTES_TARGET
-        rows.append(
-            f'<tr><td class="l">Training time (epochs, this machine)</td>'
-            f"<td>&le; {TRAINING_MINUTES_TARGET:.0f} min</td><td>{minutes:.1f} min</td>"
-            f'<td class="{"pass" if ok else "fail"}">{"met" if ok else "not met"}</td></tr>'
+    if not rows:
+        return (
+            "<h2>Gate floors</h2><p class='meta'>No floors are configured "
+            "(params.yaml gate.thresholds is empty).</p>"
         )
     return (
-        "<h2>Quality targets</h2>"
-        '<table><tr><th class="l">Target</th><th>Required</th><th>Measured [95% CI]</th>'
-        "<th>Status</th></tr>" + "".join(rows) + "</table>"
+        "<h2>Gate floors</h2>"
+        '<p class="meta">The absolute floors of params.yaml <code>gate.thresholds</code>, which '
+        "the gate stage applies to this model before it compares it with production.</p>"
+        '<table><tr><th class="l">Metric</th><th class="l">Key</th><th>Floor</th>'
+        "<th>Measured [95% CI]</th><th>Status</th></tr>" + "".join(rows) + "</table>"
     )
+
+
+def registration_block(registration: Registration | None) -> str:
+    """The rows naming the registered version and run, between markers `with_registration` finds."""
+    if registration is None:
+        rows = (
+            '<tr><td class="l">Registered version</td><td class="l">not yet registered: this page '
+            "was written by the test stage, before the register stage; the copy logged to the "
+            "version's MLflow run names it (also in reports/registration.json)</td></tr>"
+        )
+    else:
+        rows = (
+            f'<tr><td class="l">Registered version</td><td class="l">'
+            f"{html.escape(registration.model_name)} version {html.escape(registration.version)}"
+            f'</td></tr><tr><td class="l">MLflow run</td><td class="l">'
+            f"{html.escape(registration.run_id)}</td></tr>"
+        )
+    return _REGISTRATION_START + rows + _REGISTRATION_END
+
+
+def _model_section(inputs: ReportInputs) -> str:
+    minutes = training_minutes(inputs.history)
+    rows = [
+        ("Model file (models/detector.keras) sha256", inputs.model_sha256 or "not available"),
+        ("Data version (DVC md5 of data/raw)", inputs.data_version or "not available"),
+        ("Training time (epochs)", f"{minutes:.1f} min" if minutes is not None else None),
+    ]
+    cells = "".join(
+        f'<tr><td class="l">{html.escape(k)}</td><td class="l">{html.escape(v)}</td></tr>'
+        for k, v in rows
+        if v is not None
+    )
+    return (
+        "<h2>Model</h2><table>" + cells + registration_block(None) + "</table>"
+        '<p class="meta">The model is named by its file\'s sha256 until it is registered; the '
+        "registered version's lineage tags and run hold the same data version.</p>"
+    )
+
+
+def with_registration(page: str, registration: Registration) -> str:
+    """The page with its registration block naming `registration` (the register edge's copy)."""
+    start, end = page.find(_REGISTRATION_START), page.find(_REGISTRATION_END)
+    if start < 0 or end < start:
+        raise DataError(
+            "the test report has no registration block; re-run the `test` stage to rewrite it"
+        )
+    block = registration_block(registration)
+    return page[:start] + block + page[end + len(_REGISTRATION_END) :]
 
 
 def _headline_section(inputs: ReportInputs) -> str:
@@ -266,16 +318,22 @@ def _plots_section(inputs: ReportInputs) -> str:
 
 
 def _grid_section(inputs: ReportInputs) -> str:
-    deep_t = inputs.metrics.get("threshold_at_1fp")
-    base_t = inputs.metrics.get("baseline_threshold_at_1fp")
+    cuts = inputs.details.get("grid_thresholds", {})
+    deep_t = cuts.get("deep", inputs.details.get("operating_threshold"))
+    base_t = cuts.get("baseline")
+    baseline = (
+        f"; blue dashed: classical baseline at score &ge; {_number(base_t, 2)}, its 1 FP/image "
+        "operating point on this split (it is not served, and its scores are on another scale)"
+        if base_t is not None
+        else ""
+    )
     return (
         "<h2>Test images</h2>"
         f'<div class="grid">{_img(inputs.images.get(GRID_PLOT), "test image grid")}</div>'
         '<p class="note">The first test images with lesions and without them, in image-id order '
         "(ids are content hashes: an arbitrary, reproducible pick). Green: ground truth (drawn "
-        f"just outside the lesion). Red: deep model at score &ge; {_number(deep_t)}; blue dashed: "
-        f"classical baseline at score &ge; {_number(base_t)}; each is its detector's 1 FP/image "
-        "operating point on this split.</p>"
+        f"just outside the lesion). Red: deep model at score &ge; {_number(deep_t, 2)}, the "
+        f"served threshold (params.yaml test.score_threshold){baseline}.</p>"
     )
 
 
@@ -345,7 +403,8 @@ def render_report(inputs: ReportInputs) -> str:
         f"<style>{_CSS}</style></head><body>"
         "<h1>radflow lesion detector: test report</h1>"
         f'<p class="meta">{html.escape(version)}generated {html.escape(inputs.generated_at)}</p>'
-        + _targets_section(inputs)
+        + _model_section(inputs)
+        + _floors_section(inputs)
         + _headline_section(inputs)
         + _plots_section(inputs)
         + _size_section(inputs)
@@ -402,8 +461,9 @@ def _data_version(layout: Layout) -> str:
     return str(outs[0].get("md5", ""))
 
 
-def run(layout: Layout) -> Path:
-    """Stage `test` edge (after the metrics): write reports/latest/index.html."""
+def run(layout: Layout, floors: Mapping[str, float]) -> Path:
+    """Stage `test` edge (after the metrics): write reports/latest/index.html, judging the metrics
+    against `floors` (the gate's `thresholds`)."""
     metrics = _read_json(layout.metrics) or {}
     details = _read_json(layout.test_details) or {}
     history = _read_json(layout.train_history)
@@ -426,6 +486,8 @@ def run(layout: Layout) -> Path:
             images=images,
             data_version=_data_version(layout),
             generated_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            floors=dict(floors),
+            model_sha256=file_sha256(layout.model) if layout.model.is_file() else "",
         )
     )
     write_text_atomic(layout.report_page, page)

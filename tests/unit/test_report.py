@@ -10,14 +10,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline_steps.core.config import load_params
+from pipeline_steps.core.errors import DataError
+from pipeline_steps.core.files import file_sha256
 from pipeline_steps.core.layout import Layout
 from pipeline_steps.core.report import (
-    QUALITY_TARGETS,
+    Registration,
     ReportInputs,
     render_report,
     run,
     training_minutes,
+    with_registration,
 )
+
+REPO = Path(__file__).resolve().parents[2]
+FLOORS = {"ap50": 0.5, "sens_at_1fp": 0.6}
 
 # A 1x1 PNG: enough to check embedding without matplotlib.
 PNG = base64.b64decode(
@@ -69,21 +76,27 @@ def _status_of(page: str, label: str) -> str:
     return "not met" if "not met" in row.group(0) else "met"
 
 
-def test_targets_are_judged_against_the_issue_thresholds() -> None:
-    page = render_report(ReportInputs(metrics=_metrics(), details=_details()))
-    labels = {t.metric: t.label for t in QUALITY_TARGETS}
-    assert _status_of(page, labels["sens_at_1fp"]) == "met"  # 0.93 >= 0.90
-    assert _status_of(page, labels["ap50"]) == "not met"  # 0.55 < 0.80
-    assert _status_of(page, labels["ap50_minus_baseline"]) == "met"  # 0.25 >= 0.15
-    low = render_report(ReportInputs(metrics=_metrics(ap50_minus_baseline=0.1), details=_details()))
-    assert _status_of(low, labels["ap50_minus_baseline"]) == "not met"
+def test_floors_are_the_gates_and_judged_as_the_gate_does() -> None:
+    page = render_report(ReportInputs(metrics=_metrics(), details=_details(), floors=FLOORS))
+    assert _status_of(page, "AP@0.5") == "met"  # 0.55 >= 0.5
+    assert _status_of(page, "Sensitivity at 1 FP/image") == "met"  # 0.93 >= 0.6
+    assert "&ge; 0.5<" in page and "&ge; 0.6<" in page
+    # No target of its own: the hard-coded 0.80 / 0.90 / 0.15 are gone.
+    assert "&ge; 0.80" not in page and "&ge; 0.90" not in page and "&ge; 0.15" not in page
+    strict = render_report(ReportInputs(_metrics(), _details(), floors={"ap50": 0.56}))
+    assert _status_of(strict, "AP@0.5") == "not met"
+    # The value itself against the floor, as the gate compares it (not the rounded display).
+    edge = render_report(ReportInputs(_metrics(ap50=0.49996), _details(), floors={"ap50": 0.5}))
+    assert _status_of(edge, "AP@0.5") == "not met"
+    none = render_report(ReportInputs(_metrics(), _details()))
+    assert "gate.thresholds is empty" in none
 
 
 def test_missing_metric_is_not_met_and_shown_as_na() -> None:
     metrics = _metrics()
     del metrics["sens_at_1fp"]
-    page = render_report(ReportInputs(metrics=metrics, details=_details()))
-    assert _status_of(page, "FROC sensitivity at 1 FP/image") == "not met"
+    page = render_report(ReportInputs(metrics=metrics, details=_details(), floors=FLOORS))
+    assert _status_of(page, "Sensitivity at 1 FP/image") == "not met"
     assert "n/a" in page
 
 
@@ -135,15 +148,34 @@ def test_the_pseudonym_key_mode_is_shown_and_the_public_key_stands_out() -> None
     assert '<td class="l">Pseudonym key</td><td>not recorded</td>' in page(None)
 
 
-def test_training_time_is_summed_over_epochs_and_judged() -> None:
+def test_training_time_is_summed_over_epochs_and_shown() -> None:
     history = {"history": {"epoch_seconds": [100.0, 130.0, 20.0]}}
     assert training_minutes(history) == pytest.approx(250 / 60)
     assert training_minutes({"history": {}}) is None
-    fast = render_report(ReportInputs(_metrics(), _details(), history=history))
-    assert _status_of(fast, "Training time (epochs, this machine)") == "met"
-    slow = {"history": {"epoch_seconds": [200.0] * 2}}
-    slow_page = render_report(ReportInputs(_metrics(), _details(), history=slow))
-    assert _status_of(slow_page, "Training time (epochs, this machine)") == "not met"
+    page = render_report(ReportInputs(_metrics(), _details(), history=history))
+    assert '<td class="l">Training time (epochs)</td><td class="l">4.2 min</td>' in page
+
+
+def test_grid_caption_names_the_served_threshold_not_the_1fp_point() -> None:
+    details = _details() | {"grid_thresholds": {"deep": 0.3, "baseline": 0.05}}
+    page = render_report(ReportInputs(_metrics(threshold_at_1fp=0.21), details))
+    grid = page[page.index("<h2>Test images</h2>") : page.index("<h2>Data validation</h2>")]
+    assert "deep model at score &ge; 0.30, the served threshold" in grid
+    assert "test.score_threshold" in grid and "0.21" not in grid
+    assert "classical baseline at score &ge; 0.05" in grid
+
+
+def test_registration_is_pending_then_named_with_version_and_run() -> None:
+    page = render_report(ReportInputs(_metrics(), _details(), model_sha256="ab" * 32))
+    assert "ab" * 32 in page and "not yet registered" in page
+    named = with_registration(page, Registration("radflow-detector", "7", "0f3c9a1b2c"))
+    assert "not yet registered" not in named
+    assert "radflow-detector version 7" in named and "0f3c9a1b2c" in named
+    assert "ab" * 32 in named  # the candidate's identity stays, to check against the version
+    again = with_registration(named, Registration("radflow-detector", "8", "77"))
+    assert "version 8" in again and "version 7" not in again
+    with pytest.raises(DataError, match="re-run the `test` stage"):
+        with_registration("<html></html>", Registration("m", "1", "r"))
 
 
 def test_run_writes_one_self_contained_page(tmp_path: Path) -> None:
@@ -156,7 +188,10 @@ def test_run_writes_one_self_contained_page(tmp_path: Path) -> None:
     layout.train_history.write_text(
         json.dumps({"history": {"loss": [3.0, 2.0], "val_loss": [3.2, 2.5], "val_ap": [0.1, 0.3]}})
     )
-    out = run(layout)
+    layout.model.parent.mkdir(parents=True)
+    layout.model.write_bytes(b"not really a keras file")
+    floors = load_params(REPO / "params.yaml").gate.thresholds
+    out = run(layout, floors)
     assert out == tmp_path / "reports" / "latest" / "index.html"
     page = out.read_text()
     # The four PNGs given plus the training curves drawn from the history, all embedded.
@@ -165,3 +200,6 @@ def test_run_writes_one_self_contained_page(tmp_path: Path) -> None:
     assert not re.search(r'src="(?!data:)', page)  # nothing refers to a file beside the page
     assert "reports/validation.json not found" in page
     assert np.isclose(float(re.search(r"0\.550", page).group(0)), 0.55)  # type: ignore[union-attr]
+    # The candidate by its model file, and the floors of the repository's params.yaml.
+    assert file_sha256(layout.model) in page
+    assert floors and all(f"&ge; {floor:g}<" in page for floor in floors.values())
