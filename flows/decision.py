@@ -3,6 +3,10 @@ code against the last successful run, plus the drift report.
 
 The last successful run is `.radflow/last_run.json` in the workspace; a workspace without one (a fresh
 checkout of a team deployment, say) asks the MLflow registry for a version with the same lineage tags.
+
+Drift is judged against the same reference as the `extract_features` stage: the configured table, else
+the training images of the version in production. When production has moved since the stage wrote
+`reports/drift/drift.json` (or there was none then), the decision compares the features again itself.
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ class Drift:
     status: str  # compared | no_reference | missing
     drift: bool
     flagged: tuple[str, ...] = ()
+    reference_model_version: str = (
+        ""  # "<name>/<version>": production's training data was the reference
+    )
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,14 @@ class Decision:
         }
 
 
+def _drift_words(drift: Drift) -> str:
+    if drift.status != "compared":
+        return drift.status.replace("_", " ")
+    if drift.reference_model_version:
+        return f"no (against the training data of production {drift.reference_model_version})"
+    return "no"
+
+
 def _short(value: str) -> str:
     return value if len(value) <= 14 else value[:12] + "…"
 
@@ -122,7 +137,7 @@ def decide(current: Fingerprint, last: LastRun | None, drift: Drift, force: bool
         True,
         f"data version, params and code unchanged since model version {last.model_version}"
         f" ({last.source} record{', ' + last.finished_at if last.finished_at else ''}); "
-        f"drift: {'no' if drift.status == 'compared' else drift.status.replace('_', ' ')}",
+        f"drift: {_drift_words(drift)}",
         current,
         last,
     )
@@ -161,6 +176,7 @@ def fingerprint(layout: Layout, params: Params) -> Fingerprint:
 
 
 def read_drift(layout: Layout) -> Drift:
+    """The drift report the `extract_features` stage wrote."""
     path = layout.drift_report
     if not path.exists():
         return Drift("missing", False)
@@ -169,7 +185,36 @@ def read_drift(layout: Layout) -> Drift:
         str(report.get("status", "compared")),
         bool(report.get("drift", False)),
         tuple(str(f) for f in report.get("flagged", ())),
+        str(report.get("reference_model_version", "")),
     )
+
+
+def current_drift(layout: Layout, params: Params) -> Drift:
+    """Drift against the reference as it is now: the stage's report while it used that reference,
+    else the workspace's features compared with the production version's training images now."""
+    stored = read_drift(layout)
+    if params.extract_features.drift.reference:
+        return stored  # a configured table wins, and the stage compared against it
+    from flows.drift_reference import production_training
+
+    training, _ = production_training(layout, params.register_.model_name)
+    if training is None or stored.reference_model_version == training.model_version:
+        return stored
+    if not (layout.features.is_file() and layout.manifest.is_file()):
+        return stored
+    import pandas as pd
+
+    from pipeline_steps.core.drift import compare_with_training
+
+    report, _, _ = compare_with_training(
+        pd.read_parquet(layout.features),
+        pd.read_parquet(layout.manifest, columns=["image_id", "content_hash"]),
+        training,
+        params.extract_features.drift,
+    )
+    if report is None:
+        return stored
+    return Drift("compared", report.drift, tuple(report.flagged), training.model_version)
 
 
 def read_last_run(layout: Layout) -> LastRun | None:
@@ -239,4 +284,4 @@ def check(layout: Layout, params: Params, force: bool = False) -> Decision:
     last = read_last_run(layout)
     if last is None:
         last = from_registry(layout, params, fp)
-    return decide(fp, last, read_drift(layout), force=False)
+    return decide(fp, last, current_drift(layout, params), force=False)

@@ -15,7 +15,10 @@ Outputs, and why embeddings get their own file:
   promotion alone does not make `dvc repro` re-run the stage; the Prefect flow always runs it, and
   `radflow step extract_features` refreshes the embeddings by hand (cached rows make that cheap).
 - `reports/drift/`: radiomic drift decides "drift: yes/no"; embeddings are compared too, in their
-  own section, only when the reference's embeddings came from the same model version.
+  own section, only when the reference's embeddings came from the same model version. The
+  reference is `extract_features.drift.reference` when set, else the features of the production
+  model's training images (found through the registry, like the champion: the same caveat about
+  `dvc repro` after a promotion applies, and the run decision re-checks it; see flows/decision.py).
 
 Both tables are incremental: a row is cached under the image's preprocess cache key (content hash
 + pixel params) and the feature params hash (radiomics) or a hash of the model's weights
@@ -38,6 +41,7 @@ import pandas as pd
 from scipy import ndimage
 
 from pipeline_steps.core.config import ExtractFeaturesParams
+from pipeline_steps.core.drift import TrainingReference
 from pipeline_steps.core.files import write_bytes_atomic
 from pipeline_steps.core.layout import Layout
 from pipeline_steps.core.shards import QUANT, SPLITS, UNLABELLED
@@ -340,6 +344,7 @@ def build_features(
     *,
     embedder: Embedder | None = None,
     cache_dir: Path | None = None,
+    training: TrainingReference | None = None,
 ) -> FeaturesResult:
     """Stage edge, with what the run did: shards -> features.parquet (+ embeddings.parquet when an
     embedder is given), then reports/drift/ (see the module docstring)."""
@@ -438,7 +443,7 @@ def build_features(
                 embedder.model_version if embedder else "?",
                 embedder_failed,
             )
-    drift.run(layout, params.drift, table, embeddings)
+    drift.run(layout, params.drift, table, embeddings, training)
     stats = FeatureStats(
         images=len(table),
         computed=radiomic.computed,
@@ -460,10 +465,12 @@ def run(
     progress: Callable[[int, int], None] | None = None,
     *,
     embedder: Embedder | None = None,
+    training: TrainingReference | None = None,
 ) -> pd.DataFrame:
     """Stage edge: shards -> data/features/features.parquet (and embeddings.parquet when `embedder`,
-    the champion's backbone, is given), then reports/drift/ against the reference. Returns the
-    radiomic table. Without an embedder, any previous embeddings file is removed."""
+    the champion's backbone, is given), then reports/drift/ against the reference (the configured
+    table, else `training`: the production model's training images). Returns the radiomic table.
+    Without an embedder, any previous embeddings file is removed."""
     if embedder is None:
         log.info("extract_features: no embeddings (no champion model was given)")
-    return build_features(layout, params, progress, embedder=embedder).table
+    return build_features(layout, params, progress, embedder=embedder, training=training).table

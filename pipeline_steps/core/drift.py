@@ -1,4 +1,8 @@
-"""Feature drift: PSI and the two-sample KS statistic per feature, new data against a reference table."""
+"""Feature drift: PSI and the two-sample KS statistic per feature, new data against a reference table.
+
+The reference is the table configured in `extract_features.drift.reference` when one is; otherwise
+the features of the production model's training images (`TrainingReference`, resolved from the
+registry by the flows' edge), so drift is assessed by default once a production model exists."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import io
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,43 @@ log = logging.getLogger(__name__)
 ID_COLUMNS = ("image_id", "split")
 # A bin empty on one side would make PSI infinite; this floor (0.01 %) is the usual convention.
 PSI_FLOOR = 1e-4
+# Fewer of the production model's training images than this in the workspace make no reference:
+# PSI at 10 reference-quantile bins means nothing on a handful of rows.
+MIN_REFERENCE_IMAGES = 20
+
+
+@dataclass(frozen=True)
+class TrainingReference:
+    """The production model's training images, by content hash: the default drift reference."""
+
+    model_name: str
+    version: str
+    run_id: str
+    data_version: str  # the version's `data_version` tag (DVC md5 of data/raw)
+    content_hashes: frozenset[str]  # the train split of the manifest it was trained on
+
+    @property
+    def model_version(self) -> str:
+        return f"{self.model_name}/{self.version}"
+
+    @property
+    def label(self) -> str:
+        return (
+            f"train split of production {self.model_version} (run {self.run_id}, data version "
+            f"{self.data_version or 'unknown'})"
+        )
+
+
+def training_rows(
+    table: pd.DataFrame, manifest: pd.DataFrame, reference: TrainingReference
+) -> pd.DataFrame:
+    """The rows of a per-image table (features, embeddings) for the reference's training images.
+
+    Images are matched by content hash through the preprocess manifest (image_id -> content_hash),
+    so the reference carries the current feature params, the same as the table it is compared with."""
+    hashes = manifest.set_index("image_id")["content_hash"].astype(str)
+    keep = table["image_id"].map(hashes).isin(reference.content_hashes)
+    return table[keep.to_numpy()].reset_index(drop=True)
 
 
 def bin_edges(reference: np.ndarray, bins: int) -> np.ndarray:
@@ -80,6 +121,8 @@ class DriftReport:
     n_current: int
     reference: str = ""
     skipped: tuple[str, ...] = field(default=())  # features absent or empty on one side
+    # "<name>/<version>" when the reference is the production model's training data
+    reference_model_version: str = ""
 
     @property
     def flagged(self) -> list[str]:
@@ -284,65 +327,128 @@ def embedding_drift(
     }
 
 
+def _write_no_reference(layout: Layout, note: str) -> None:
+    layout.drift_dir.mkdir(parents=True, exist_ok=True)
+    layout.drift_report.write_text(
+        json.dumps({"status": "no_reference", "drift": False, "note": note}, indent=2)
+    )
+    layout.drift_page.write_text(
+        f"<!doctype html><html><body><p>Feature drift: {html.escape(note)}.</p></body></html>\n"
+    )
+    log.info("extract_features: %s; drift not assessed", note)
+
+
+def compare_with_training(
+    current: pd.DataFrame,
+    manifest: pd.DataFrame,
+    training: TrainingReference,
+    params: DriftParams,
+) -> tuple[DriftReport | None, pd.DataFrame, str]:
+    """`current` against the rows of the production model's training images found in it: the
+    report (None when too few of them are here), the reference rows, and why there is none."""
+    reference = training_rows(current, manifest, training)
+    if len(reference) < MIN_REFERENCE_IMAGES:
+        return (
+            None,
+            reference,
+            f"only {len(reference)} of the {len(training.content_hashes)} training images of "
+            f"production {training.model_version} are in this workspace (at least "
+            f"{MIN_REFERENCE_IMAGES} make a reference); set extract_features.drift.reference",
+        )
+    report = compare(reference, current, params)
+    named = replace(
+        report, reference=training.label, reference_model_version=training.model_version
+    )
+    return named, reference, ""
+
+
 def run(
     layout: Layout,
     params: DriftParams,
     current: pd.DataFrame,
     embeddings: pd.DataFrame | None = None,
+    training: TrainingReference | None = None,
 ) -> DriftReport | None:
-    """Stage edge: compare `current` with the configured reference table; write reports/drift/.
+    """Stage edge: compare `current` with the reference; write reports/drift/.
 
-    Without a configured reference the report says so (the stage's outputs always exist).
-    `embeddings` (with its `model_version` column) is compared with the `embeddings.parquet` next
-    to the reference, when that one was made by the same model version."""
-    if not params.reference:
-        layout.drift_dir.mkdir(parents=True, exist_ok=True)
-        note = "no reference configured (extract_features.drift.reference)"
-        layout.drift_report.write_text(
-            json.dumps({"status": "no_reference", "drift": False, "note": note}, indent=2)
+    The reference is the configured table (`params.reference`, which wins), else the features of
+    `training`, the production model's training images (matched through the preprocess manifest).
+    Without either the report says so (the stage's outputs always exist). `embeddings` (with its
+    `model_version` column) is compared with the embeddings of the same reference images, when
+    those were made by the same model version."""
+    if params.reference:
+        return _run_configured(layout, params, current, embeddings)
+    if training is None:
+        _write_no_reference(
+            layout,
+            "no reference configured (extract_features.drift.reference) and no production "
+            "model whose training data could serve as one",
         )
-        layout.drift_page.write_text(
-            f"<!doctype html><html><body><p>Feature drift: {note}.</p></body></html>\n"
-        )
-        log.info("extract_features: %s; drift not assessed", note)
         return None
-    path = layout.root / params.reference
-    if not path.is_file():
-        raise DataError(
-            f"{path}: reference feature table not found (params.yaml extract_features.drift."
-            "reference). Point it at the features.parquet of the champion's training data, or "
-            "set it to an empty string."
-        )
-    reference = pd.read_parquet(path)
-    report = compare(reference, current, params)
-    report = DriftReport(
-        report.drift,
-        report.features,
-        report.thresholds,
-        report.n_reference,
-        report.n_current,
-        params.reference,
-        report.skipped,
-    )
-    ref_embeddings, ref_version = _embeddings_beside(path)
-    version = (
-        str(embeddings["model_version"].iloc[0])
-        if embeddings is not None and len(embeddings)
-        else ""
+    manifest = pd.read_parquet(layout.manifest, columns=["image_id", "content_hash"])
+    report, reference, why = compare_with_training(current, manifest, training, params)
+    if report is None:
+        _write_no_reference(layout, why)
+        return None
+    version = _embedding_version(embeddings)
+    ref_embeddings = (
+        training_rows(embeddings, manifest, training)
+        if embeddings is not None and version
+        else None
     )
     section = embedding_drift(
-        ref_embeddings, ref_version, embeddings if version else None, version, params
+        ref_embeddings, version, embeddings if version else None, version, params
     )
-    write_report(report, reference, current, layout, section)
+    return _finish(layout, report, reference, current, section)
+
+
+def _embedding_version(embeddings: pd.DataFrame | None) -> str:
+    if embeddings is None or not len(embeddings):
+        return ""
+    return str(embeddings["model_version"].iloc[0])
+
+
+def _finish(
+    layout: Layout,
+    report: DriftReport,
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    embeddings: dict[str, object],
+) -> DriftReport:
+    write_report(report, reference, current, layout, embeddings)
     log.log(
         logging.WARNING if report.drift else logging.INFO,
-        "extract_features: drift %s (%d of %d features flagged: %s)",
+        "extract_features: drift %s against the %s (%d of %d features flagged: %s)",
         "YES" if report.drift else "no",
+        report.reference,
         len(report.flagged),
         len(report.features),
         ", ".join(report.flagged) or "none",
     )
     return report
+
+
+def _run_configured(
+    layout: Layout,
+    params: DriftParams,
+    current: pd.DataFrame,
+    embeddings: pd.DataFrame | None,
+) -> DriftReport:
+    path = layout.root / params.reference
+    if not path.is_file():
+        raise DataError(
+            f"{path}: reference feature table not found (params.yaml extract_features.drift."
+            "reference). Point it at the features.parquet of the champion's training data, or "
+            "set it to an empty string to use the production model's training data."
+        )
+    reference = pd.read_parquet(path)
+    report = replace(compare(reference, current, params), reference=params.reference)
+    ref_embeddings, ref_version = _embeddings_beside(path)
+    version = _embedding_version(embeddings)
+    section = embedding_drift(
+        ref_embeddings, ref_version, embeddings if version else None, version, params
+    )
+    return _finish(layout, report, reference, current, section)
 
 
 def _embeddings_beside(reference: Path) -> tuple[pd.DataFrame | None, str]:

@@ -79,3 +79,13 @@ def test_the_code_hash_follows_file_contents_not_times(tmp_path):
     (tmp_path / "pipeline_steps" / "new.py").unlink()
     (tmp_path / "README.md").write_text("docs are not code")
     assert code_hash(tmp_path) == first
+
+
+def test_the_reason_names_the_production_training_data_drift_was_judged_against():
+    drift = Drift("compared", False, reference_model_version="radflow-detector/3")
+    verdict = decide(FP, LAST, drift, force=False)
+    assert verdict.up_to_date
+    assert (
+        "drift: no (against the training data of production radflow-detector/3)" in verdict.reason
+    )
+    assert "drift: no reference" in decide(FP, LAST, Drift("no_reference", False), False).reason
