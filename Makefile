@@ -3,10 +3,25 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.radflow-installed
 
+# radflow needs Python 3.11 (pyproject.toml: requires-python >=3.11,<3.12; constraints.txt is resolved
+# on 3.11). The first of these on PATH that is 3.11 creates .venv; `make PYTHON=/path/to/python` names one.
+NEED_PYTHON := 3.11
+PYTHON_CANDIDATES := python3.11 python3 python
+PYTHON ?= $(firstword $(foreach p,$(PYTHON_CANDIDATES),$(shell command -v $(p) >/dev/null 2>&1 \
+  && $(p) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null | grep -qx '$(NEED_PYTHON)' \
+  && command -v $(p))))
+
 .PHONY: run test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
-	@test -x $(PY) || python3 -m venv $(VENV)
+	@test -x $(PY) || [ -n "$(PYTHON)" ] || { echo "make: radflow needs Python $(NEED_PYTHON) \
+	(requires-python >=3.11,<3.12) and none of $(PYTHON_CANDIDATES) on PATH is $(NEED_PYTHON). Install \
+	it (Debian/Ubuntu: apt-get install python3.11-venv; or pyenv install 3.11), or run \
+	make PYTHON=/path/to/python3.11" >&2; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { echo "make: $(VENV) runs \
+	Python $$($(PY) -c 'import platform; print(platform.python_version())'); radflow needs \
+	$(NEED_PYTHON). Remove $(VENV) and run make again." >&2; exit 1; }
 	$(PY) -m pip install --quiet --upgrade -c constraints.txt pip
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
