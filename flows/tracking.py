@@ -3,7 +3,10 @@ flows/ (the only module here that imports MLflow), and logging + registering a t
 
 A model version is the pyfunc of `pipeline_steps/serving/pyfunc.py` (DICOM in, boxes in original
 pixels out), with a Keras-native copy in the same run, lineage tags, the training manifest as an
-artifact and the data version as the run's dataset input.
+artifact and the data version as the run's dataset input. The pyfunc carries what it needs to be
+served anywhere: its radflow source files as `code_paths`, and requirements pinned to this
+environment (a constraints file of every installed version), so MLflow's `uv`/`virtualenv` env
+managers rebuild the environment it was registered from.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -33,22 +37,6 @@ if TYPE_CHECKING:
 PYFUNC_NAME = "model"  # the registered pyfunc, under the run's artifacts
 KERAS_NAME = "keras_model"  # the Keras-native copy, for reuse (fine-tuning, export)
 MANIFEST_ARTIFACT = "lineage/train_manifest.csv"
-# Pinned to what is installed, so MLflow does not load the model in a subprocess to guess them.
-# radflow itself is not on an index: serve with `--env-manager local` in a radflow environment.
-SERVING_PACKAGES = (
-    "mlflow",
-    "tensorflow-cpu",
-    "keras",
-    "numpy",
-    "pandas",
-    "pydicom",
-    "pylibjpeg",
-    "pylibjpeg-openjpeg",
-    "pylibjpeg-rle",
-    "pillow",
-    "pydantic",
-    "pyyaml",
-)
 
 
 @dataclass(frozen=True)
@@ -120,6 +108,11 @@ def public_uri(uri: str) -> str:
 
 
 def serving_requirements() -> list[str]:
+    """The served model's distributions (`pyfunc.SERVING_PACKAGES`) pinned to the installed
+    versions, skipping those not installed (the opt-in decoders). Explicit, so MLflow does not load
+    the model in a subprocess to guess them."""
+    from pipeline_steps.serving.pyfunc import SERVING_PACKAGES
+
     pins = []
     for name in SERVING_PACKAGES:
         try:
@@ -127,6 +120,38 @@ def serving_requirements() -> list[str]:
         except metadata.PackageNotFoundError:
             continue
     return pins
+
+
+def environment_constraints() -> list[str]:
+    """`name==version` of every distribution installed here that an index can provide: the model's
+    constraints.txt, so the dependencies of the pinned requirements resolve to the versions the model
+    was trained and tested with (e.g. fastapi<0.155 stays). radflow itself and anything installed
+    from a folder or a URL are left out: the model carries its radflow code instead."""
+    pins: dict[str, str] = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if not name or name.lower() == "radflow" or _installed_from_url(dist):
+            continue
+        pins.setdefault(name.lower().replace("_", "-"), f"{name}=={dist.version}")
+    return sorted(pins.values(), key=str.lower)
+
+
+def _installed_from_url(dist: metadata.Distribution) -> bool:
+    """Installed from a folder, an archive or a VCS URL (PEP 610's direct_url.json), not an index."""
+    return bool(dist.read_text("direct_url.json"))
+
+
+def _copy_code(scratch: Path) -> Path:
+    """The pyfunc's radflow source files under `scratch/code/pipeline_steps`, as `code_paths` wants
+    them: MLflow copies that folder into the model and puts its parent on sys.path when loading."""
+    from pipeline_steps.serving import pyfunc
+
+    code = scratch / "code"
+    for relative in pyfunc.code_files():
+        target = code / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(pyfunc.CODE_ROOT / relative, target)
+    return code / pyfunc.PACKAGE
 
 
 def _log_models(registration: Registration, model_path: Path, scratch: Path) -> str:
@@ -140,7 +165,10 @@ def _log_models(registration: Registration, model_path: Path, scratch: Path) -> 
 
     config = scratch / "serving_config.json"
     config.write_text(registration.serving.to_json())
-    requirements = serving_requirements()
+    constraints = scratch / "constraints.txt"
+    constraints.write_text("\n".join(environment_constraints()) + "\n")
+    # MLflow stores the file in the model as constraints.txt; requirements.txt refers to it.
+    requirements = [*serving_requirements(), f"-c {constraints}"]
     detector = keras.models.load_model(model_path, compile=False)
     mlflow.keras.log_model(
         detector,
@@ -154,6 +182,7 @@ def _log_models(registration: Registration, model_path: Path, scratch: Path) -> 
     info = mlflow.pyfunc.log_model(
         name=PYFUNC_NAME,
         python_model=pyfunc.RadiographDetector(),
+        code_paths=[str(_copy_code(scratch))],
         artifacts={pyfunc.DETECTOR_ARTIFACT: str(model_path), pyfunc.CONFIG_ARTIFACT: str(config)},
         signature=pyfunc.signature(registration.serving.detection),
         input_example=serving.input_example(),

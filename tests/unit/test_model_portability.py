@@ -1,0 +1,89 @@
+"""What a registered model carries to load where radflow is not installed: the radflow source files
+the pyfunc imports (its `code_paths`), the distributions they need, and constraints pinned to this
+environment. (tests/integration/test_portable_model.py serves such a model from its own environment.)"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import grimp
+
+from flows import tracking
+from pipeline_steps.serving import pyfunc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_code_files_are_the_pyfuncs_import_closure_as_grimp_sees_it():
+    graph = grimp.build_graph("pipeline_steps")
+    modules = {pyfunc.__name__} | graph.find_upstream_modules(pyfunc.__name__)
+    packages = {".".join(m.split(".")[:i]) for m in modules for i in range(1, m.count(".") + 1)}
+    expected = set()
+    for name in modules | packages:
+        path = Path(*name.split("."))
+        expected.add(path / "__init__.py" if (ROOT / path).is_dir() else path.with_suffix(".py"))
+    assert set(pyfunc.code_files()) == expected
+    assert Path("pipeline_steps/core/detector.py") in expected  # imported inside serving.serving
+    assert not [p for p in expected if p.parts[1] in {"synthetic", "governance"}]
+
+
+def test_relative_imports_and_imports_inside_functions_are_followed(tmp_path, monkeypatch):
+    package = tmp_path / "pipeline_steps"
+    files = {
+        "__init__.py": "",
+        "a/__init__.py": "",
+        "a/b.py": "from . import c\nfrom ..d import helper\n\ndef f():\n    import pipeline_steps.e\n",
+        "a/c.py": "import numpy\n",
+        "d.py": "helper = 1\n",
+        "e.py": "",
+        "unused.py": "",
+    }
+    for name, text in files.items():
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).write_text(text)
+    monkeypatch.setattr(pyfunc, "CODE_ROOT", tmp_path)
+
+    found = {str(p) for p in pyfunc.code_files("pipeline_steps.a.b")}
+    assert found == {f"pipeline_steps/{name}" for name in files} - {"pipeline_steps/unused.py"}
+
+
+def _imported_top_level(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {pyfunc.PACKAGE, "__future__"}
+
+
+def test_every_distribution_the_code_imports_is_a_serving_requirement():
+    provided = metadata.packages_distributions()
+    listed = {name.lower() for name in pyfunc.SERVING_PACKAGES}
+    imported = set().union(*(_imported_top_level(ROOT / p) for p in pyfunc.code_files()))
+    assert {"keras", "pydicom", "numpy", "pandas", "mlflow"} <= imported
+    missing = {
+        name: provided.get(name)
+        for name in imported
+        if not {d.lower() for d in provided.get(name, [])} & listed
+    }
+    assert missing == {}, "add their distributions to pyfunc.SERVING_PACKAGES"
+
+
+def test_requirements_and_constraints_pin_the_installed_versions():
+    requirements = tracking.serving_requirements()
+    assert f"tensorflow-cpu=={metadata.version('tensorflow-cpu')}" in requirements
+    assert f"mlflow=={metadata.version('mlflow')}" in requirements
+    assert not [r for r in requirements if "radflow" in r.lower()]
+
+    constraints = tracking.environment_constraints()
+    by_name = {c.split("==")[0].lower(): c.split("==")[1] for c in constraints}
+    assert len(by_name) == len(constraints)  # one pin per distribution
+    assert (
+        "radflow" not in by_name
+    )  # installed from this folder: the model carries its code instead
+    for name in ("fastapi", "protobuf", "keras", "pydicom"):
+        assert by_name[name] == metadata.version(name)
