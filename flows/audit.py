@@ -102,6 +102,14 @@ def _artifact(client: Any, run_id: str, path: str) -> bytes | None:
         return Path(local).read_bytes()
 
 
+def _git_commit(code_version: str) -> str | None:
+    """The commit in radflow's code version (`<sha>` or `<sha>-dirty`); None for an installed
+    package (`radflow==X`). Preferred to MLflow's own git tag, which names the repository around
+    the entry-point script: not radflow's code when radflow is installed in a venv inside one."""
+    sha = code_version.removesuffix("-dirty")
+    return sha if len(sha) in (40, 64) and all(c in "0123456789abcdef" for c in sha) else None
+
+
 def _manifest(blob: bytes) -> dict[str, str]:
     lines = io.StringIO(blob.decode("ascii")).read().splitlines()
     if not lines or lines[0] != "content_hash,split":
@@ -206,8 +214,10 @@ def trace(layout: Layout, params: Params, prediction_id: str) -> dict[str, Any]:
             "experiment_id": run.info.experiment_id,
             "params": dict(run.data.params),
             "metrics": dict(run.data.metrics),
-            "git_commit": run_tags.get("mlflow.source.git.commit")
-            or tags.get("code_version", "").removesuffix("-dirty"),
+            # versions registered before code_version existed: MLflow's own tag
+            "git_commit": _git_commit(tags["code_version"])
+            if tags.get("code_version")
+            else run_tags.get("mlflow.source.git.commit"),
             "code_version": tags.get("code_version"),
             "params_hash": tags.get("params_hash"),
         },
@@ -261,7 +271,8 @@ def format_trace(t: dict[str, Any]) -> Iterator[str]:
         f"{', '.join(m['stage_at_prediction']) or 'none'}; aliases now: "
         f"{', '.join(m['aliases_now']) or 'none'}"
     )
-    yield f"run         {r['run_id']}  git {r['git_commit'] or '?'}  params_hash {r['params_hash']}"
+    code = f"git {r['git_commit']}" if r["git_commit"] else f"code {r['code_version'] or '?'}"
+    yield f"run         {r['run_id']}  {code}  params_hash {r['params_hash']}"
     headline = ", ".join(
         f"{k}={r['metrics'][k]:.3f}"
         for k in ("ap50", "sens_at_1fp", "cpm", "auroc")

@@ -1,14 +1,22 @@
-"""Git and DVC edge: the code version, data/raw as a DVC data version committed in the workspace's git,
-and stage outputs in dvc.lock. Every git and DVC command of flows/ runs through `git` and `dvc` here."""
+"""Git and DVC edge: the code version, data/raw as a DVC data version committed in git, and stage
+outputs in dvc.lock. Every git and DVC command of flows/ runs through `git` and `dvc` here.
+
+Where a data version is committed: on the current branch of a workspace that `radflow init` created
+(radflow owns that repository); in any other repository (the radflow source checkout, a project of
+yours) on radflow's own branch `radflow/data`, built without touching your branch, index or working
+tree. Either way `data_git_rev` names a commit whose `data/raw.dvc` holds the data version."""
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 from typing import Literal, overload
 
@@ -20,6 +28,12 @@ from pipeline_steps.core.layout import Layout
 # What the code version covers: a change under these paths makes the checkout `-dirty`.
 CODE_PATHS = ("pipeline_steps", "flows", "pyproject.toml")
 
+# radflow's own branch for data versions, in a repository radflow did not create.
+DATA_BRANCH = "radflow/data"
+# Set (in .git/config) by `radflow init` on the repository it creates: radflow commits data versions
+# on that repository's current branch. Set it yourself to opt a repository of yours in.
+OWNED_KEY = "radflow.workspace"
+
 
 class GitError(WorkspaceError):
     """A git command failed; `stderr` holds git's own words."""
@@ -30,12 +44,24 @@ class GitError(WorkspaceError):
 
 
 @overload
-def git(root: Path, *args: str, check: Literal[True] = ...) -> str: ...
+def git(
+    root: Path, *args: str, check: Literal[True] = ..., env: Mapping[str, str] | None = ...
+) -> str: ...
 @overload
-def git(root: Path, *args: str, check: Literal[False]) -> str | None: ...
-def git(root: Path, *args: str, check: bool = True) -> str | None:
-    """`git -C root ARGS`'s stdout, stripped. When git fails: GitError with `check`, else None."""
-    done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+def git(
+    root: Path, *args: str, check: Literal[False], env: Mapping[str, str] | None = ...
+) -> str | None: ...
+def git(
+    root: Path, *args: str, check: bool = True, env: Mapping[str, str] | None = None
+) -> str | None:
+    """`git -C root ARGS`'s stdout, stripped. When git fails: GitError with `check`, else None.
+    `env` adds to the environment (e.g. GIT_INDEX_FILE)."""
+    done = subprocess.run(
+        ["git", "-C", str(root), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env} if env else None,
+    )
     if done.returncode == 0:
         return done.stdout.strip()
     if check:
@@ -45,19 +71,55 @@ def git(root: Path, *args: str, check: bool = True) -> str | None:
 
 
 def source_root() -> Path:
-    """The radflow checkout this code runs from: the source of dvc.yaml, params.yaml and the code version."""
+    """Where the running radflow code lives: the folder holding `pipeline_steps/` and `flows/` (a
+    source checkout, or site-packages for an installed wheel). A workspace's DVC code deps point here."""
     return Path(__file__).resolve().parent.parent
 
 
-def code_version() -> str:
-    """The git commit of the radflow code, with `-dirty` when code or params differ from it."""
+def source_checkout() -> Path | None:
+    """The git checkout the running code is the top of, or None (an installed package, or a source
+    tree without git). A wheel installed in a venv inside some repository is not that repository's code."""
     root = source_root()
+    top = git(root, "rev-parse", "--show-toplevel", check=False)
+    if top and Path(top).resolve() == root and (root / "pyproject.toml").is_file():
+        return root
+    return None
+
+
+def package_version() -> str:
+    """radflow's version from the installed package's metadata ("unknown" when not installed)."""
     try:
-        commit = git(root, "rev-parse", "HEAD")
-        dirty = git(root, "status", "--porcelain", "--", *CODE_PATHS)
-    except GitError:
+        return metadata.version("radflow")
+    except metadata.PackageNotFoundError:
         return "unknown"
-    return commit + ("-dirty" if dirty else "")
+
+
+def _editable_install() -> bool:
+    """Whether radflow is installed in editable mode (PEP 610's direct_url.json says so)."""
+    try:
+        raw = metadata.distribution("radflow").read_text("direct_url.json")
+    except metadata.PackageNotFoundError:
+        return False
+    try:
+        return bool(raw and json.loads(raw).get("dir_info", {}).get("editable"))
+    except ValueError:
+        return False
+
+
+def code_version() -> str:
+    """What code ran, as recorded on model versions and predictions.
+
+    In a git checkout: its commit, with `-dirty` when code or pyproject.toml differ from it. Anywhere
+    else, the package metadata: `radflow==0.1.0` for an installed release (the code is the package's
+    files), with ` (source tree without git)` for an editable install of a tree git does not track."""
+    checkout = source_checkout()
+    if checkout is not None:
+        commit = git(checkout, "rev-parse", "--verify", "-q", "HEAD", check=False)
+        if commit:
+            dirty = git(checkout, "status", "--porcelain", "--", *CODE_PATHS, check=False)
+            return commit + ("-dirty" if dirty else "")
+    version = f"radflow=={package_version()}"
+    return version + (" (source tree without git)" if _editable_install() else "")
 
 
 @contextmanager
@@ -99,33 +161,90 @@ def data_version(layout: Layout) -> str:
 
 
 def record_raw(layout: Layout) -> str:
-    """`dvc add data/raw`, commit `data/raw.dvc` in a workspace's git, and return the data version."""
+    """`dvc add data/raw`, commit `data/raw.dvc` in git (see the module docstring for where), and
+    return the data version."""
     dvc(layout.root, "add", "-q", str(layout.raw.relative_to(layout.root)))
     version = data_version(layout)
-    # The git revision of data/raw.dvc is how an auditor finds a data version again. A workspace
-    # (`radflow init`) is radflow's to commit in; the radflow source checkout is the developer's.
-    if layout.root.resolve() != source_root().resolve():
-        commit_data_version(layout, version)
+    # The git revision of data/raw.dvc is how an auditor finds a data version again.
+    commit_data_version(layout, version)
     return version
 
 
-def commit_data_version(layout: Layout, version: str) -> str | None:
-    """Commit only `data/raw.dvc` (and DVC's `data/.gitignore`); the new commit, or None if unchanged."""
+def owns_repository(root: Path) -> bool:
+    """Whether radflow may commit on the current branch of the git repository at `root`: one that
+    `radflow init` created (or that its owner marked with `git config radflow.workspace true`)."""
+    return git(root, "config", "--bool", OWNED_KEY, check=False) == "true"
+
+
+def _identity(root: Path) -> list[str]:
+    if git(root, "config", "user.email", check=False):
+        return []
+    return ["-c", "user.name=radflow", "-c", "user.email=radflow@localhost"]
+
+
+def _data_paths(layout: Layout) -> list[str]:
     root = layout.root
-    paths = [str(p.relative_to(root)) for p in (layout.raw_dvc, layout.raw_gitignore) if p.exists()]
+    return [str(p.relative_to(root)) for p in (layout.raw_dvc, layout.raw_gitignore) if p.exists()]
+
+
+def commit_data_version(layout: Layout, version: str) -> str | None:
+    """Commit `data/raw.dvc` (and DVC's `data/.gitignore`): on the current branch of a repository
+    radflow owns, else on radflow's own branch. The new commit, or None when this data version is
+    already committed there or `layout.root` is not in a git work tree."""
+    root = layout.root
+    if git(root, "rev-parse", "--is-inside-work-tree", check=False) != "true":
+        return None
+    if owns_repository(root):
+        return _commit_on_current_branch(layout, version)
+    return _commit_on_data_branch(layout, version)
+
+
+def _commit_on_current_branch(layout: Layout, version: str) -> str | None:
+    root = layout.root
+    paths = _data_paths(layout)
     git(root, "add", "--", *paths, check=False)  # a failure shows in the commit below
     if git(root, "diff", "--cached", "--quiet", "--", *paths, check=False) is not None:
         return None  # this data version is already committed
-    identity: list[str] = []
-    if not git(root, "config", "user.email", check=False):
-        identity = ["-c", "user.name=radflow", "-c", "user.email=radflow@localhost"]
     try:
-        git(root, *identity, "commit", "-q", "-m", f"data version {version}", "--", *paths)
+        git(root, *_identity(root), "commit", "-q", "-m", f"data version {version}", "--", *paths)
     except GitError as exc:
         raise WorkspaceError(
             f"git commit of {paths} failed in {root}: {exc.stderr[-500:]}"
         ) from None
     return git(root, "rev-parse", "HEAD", check=False) or ""
+
+
+def _commit_on_data_branch(layout: Layout, version: str) -> str | None:
+    """A commit on `radflow/data` whose tree is HEAD's with the data files as they are now, so that
+    `git checkout radflow/data && dvc checkout` gives back this code and this data. Built in a
+    temporary index with git plumbing: HEAD, your index and your working tree stay as they were."""
+    root = layout.root
+    paths = _data_paths(layout)
+    ref = f"refs/heads/{DATA_BRANCH}"
+    tip = git(root, "rev-parse", "--verify", "-q", f"{ref}^{{commit}}", check=False) or None
+    if tip and all(
+        git(root, "rev-parse", "-q", "--verify", f"{tip}:{path}", check=False)
+        == git(root, "hash-object", "--", path, check=False)
+        for path in paths
+    ):
+        return None  # this data version is already the branch's tip
+    head = git(root, "rev-parse", "--verify", "-q", "HEAD^{commit}", check=False) or None
+    try:
+        with tempfile.TemporaryDirectory(prefix="radflow-index-") as tmp:
+            index = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            git(root, "read-tree", *([head] if head else ["--empty"]), env=index)
+            git(root, "update-index", "--add", "--", *paths, env=index)
+            tree = git(root, "write-tree", env=index)
+        message = f"data version {version}\n\ncode: {head or 'no commit yet'}"
+        parents = ["-p", tip] if tip else []
+        commit = git(root, *_identity(root), "commit-tree", tree, *parents, "-m", message)
+        git(root, "update-ref", "-m", f"radflow: data version {version}", ref, commit, tip or "")
+    except GitError as exc:
+        raise WorkspaceError(
+            f"recording data version {version} on branch {DATA_BRANCH} failed in {root}: "
+            f"{exc.stderr[-500:]}"
+        ) from None
+    return commit
 
 
 def commit_stages(layout: Layout) -> None:
@@ -134,12 +253,43 @@ def commit_stages(layout: Layout) -> None:
 
 
 def data_git_rev(layout: Layout) -> str:
-    """The workspace commit that holds data/raw.dvc as it is now; "uncommitted" when none does."""
-    rel = str(layout.raw_dvc.relative_to(layout.root))
-    # Changed, untracked, or not a git repository at all.
-    if git(layout.root, "status", "--porcelain", "--", rel, check=False) != "":
-        return "uncommitted"
-    return git(layout.root, "log", "-1", "--format=%H", "--", rel, check=False) or "uncommitted"
+    """A commit that holds data/raw.dvc as it is now: the last one on the current branch when the
+    file is committed there, else the newest on radflow's own branch; "uncommitted" when none does."""
+    root = layout.root
+    rel = layout.raw_dvc.relative_to(root).as_posix()
+    status = git(root, "status", "--porcelain", "--", rel, check=False)
+    if status is None:
+        return "uncommitted"  # not a git repository at all
+    if status == "":
+        rev = git(root, "log", "-1", "--format=%H", "--", rel, check=False)
+        if rev:
+            return rev
+    blob = git(root, "hash-object", "--", rel, check=False)
+    return (_data_branch_commit_holding(root, rel, blob) if blob else None) or "uncommitted"
+
+
+def _data_branch_commit_holding(root: Path, rel: str, blob: str) -> str | None:
+    """The newest commit on radflow's branch whose `rel` is the blob `blob` (as `--raw` lists it)."""
+    log = git(
+        root,
+        "log",
+        "--root",
+        "--raw",
+        "--no-abbrev",
+        "--format=commit %H",
+        f"refs/heads/{DATA_BRANCH}",
+        "--",
+        rel,
+        check=False,
+    )
+    commit = None
+    for line in (log or "").splitlines():
+        if line.startswith("commit "):
+            commit = line.split()[1]
+        # :<old mode> <new mode> <old blob> <new blob> <status>\t<path>
+        elif line.startswith(":") and commit and line.split("\t", 1)[0].split()[3] == blob:
+            return commit
+    return None
 
 
 def data_version_at(layout: Layout, rev: str) -> str | None:

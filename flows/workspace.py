@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
+from importlib import resources
 from pathlib import Path
 
 from flows import versioning
@@ -54,7 +54,8 @@ def open_workspace(path: Path | None) -> tuple[Layout, Params]:
 
 
 def _point_code_deps_at_source(dvc_yaml: Path) -> None:
-    """A workspace outside the radflow checkout depends on the code it runs: DVC takes absolute deps."""
+    """A workspace outside the radflow checkout depends on the code it runs (the checkout's files, or
+    the installed package's): DVC takes absolute deps."""
     source = versioning.source_root()
     lines = []
     for line in dvc_yaml.read_text().splitlines(keepends=True):
@@ -66,25 +67,41 @@ def _point_code_deps_at_source(dvc_yaml: Path) -> None:
     dvc_yaml.write_text("".join(lines))
 
 
+# What a new workspace starts from, shipped as package data (flows/workspace_files/): in the source
+# checkout these are links to its own params.yaml and dvc.yaml, so there is one copy of each. The
+# template is not named dvc.yaml, which DVC would take for a pipeline of the checkout.
+TEMPLATES = {"params.yaml": "params.yaml", "dvc.yaml": "dvc.yaml.template"}
+
+
+def template(name: str) -> bytes:
+    """The packaged template of a workspace file (`params.yaml` or `dvc.yaml`)."""
+    return (resources.files("flows") / "workspace_files" / TEMPLATES[name]).read_bytes()
+
+
 def init(path: Path) -> Layout:
-    """Create (or complete) a workspace: git repo, DVC repo with autostage, params.yaml and dvc.yaml."""
+    """Create (or complete) a workspace: git repo, DVC repo with autostage, params.yaml and dvc.yaml.
+
+    A git repository that init creates is radflow's: data versions are committed on its branch
+    (`versioning.OWNED_KEY`). In a repository that already existed, they go on radflow's own branch."""
     layout = Layout(path.resolve())
-    source = Layout(versioning.source_root())
+    source_root = versioning.source_root()
     layout.root.mkdir(parents=True, exist_ok=True)
     if not layout.git_dir.exists():
         versioning.git(layout.root, "init", "-q")
-    for mine, template in (
-        (layout.params_file, source.params_file),
-        (layout.dvc_yaml, source.dvc_yaml),
-    ):
+        versioning.git(layout.root, "config", versioning.OWNED_KEY, "true")
+    for mine in (layout.params_file, layout.dvc_yaml):
         if not mine.exists():
-            shutil.copyfile(template, mine)
-    if layout.root != source.root:
+            mine.write_bytes(template(mine.name))
+    if layout.root != source_root:
         _point_code_deps_at_source(layout.dvc_yaml)
     if not layout.dvc_dir.exists():
         versioning.dvc(layout.root, "init", "-q")
         versioning.dvc(layout.root, "config", "core.autostage", "true")
         versioning.dvc(layout.root, "config", "core.analytics", "false")
+        # Link outs to the cache instead of copying them (data stored once). Not reflink first: on a
+        # filesystem without it (ext4), DVC 3 then copies on add/commit. DVC makes linked files
+        # read-only, and every stage replaces its outs atomically, so a cached file is never edited.
+        versioning.dvc(layout.root, "config", "cache.type", "hardlink,symlink,copy")
     ignore = layout.gitignore
     present = set(ignore.read_text().splitlines()) if ignore.exists() else set()
     with ignore.open("a") as fh:
