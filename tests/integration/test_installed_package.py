@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -46,47 +47,57 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900):
 def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | dict[str, str]]:
     base = tmp_path_factory.mktemp("installed")
     wheels, venv = base / "wheels", base / "venv"
+    # No PYTHONPATH: a source tree on it would make pip think radflow is installed already.
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    # What the sdist would hold, copied: setuptools builds in the source folder (build/, egg-info),
+    # which should not be the checkout others work in. Links are copied as the files they name.
+    src = base / "src"
+    ignore = shutil.ignore_patterns("__pycache__")
+    for package in ("pipeline_steps", "flows"):
+        shutil.copytree(ROOT / package, src / package, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     # Building isolates itself (setuptools from the package index), as `pip wheel .` does anywhere.
     built = _run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(src)],
         cwd=base,
-        env=dict(os.environ),
+        env=clean,
         timeout=600,
     )
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = wheels.glob("radflow-*.whl")
-    made = _run([sys.executable, "-m", "venv", str(venv)], cwd=base, env=dict(os.environ))
+    made = _run([sys.executable, "-m", "venv", str(venv)], cwd=base, env=clean)
     assert made.returncode == 0, made.stderr
     python = venv / "bin" / "python"
     site = Path(
         _run(
             [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
             cwd=base,
-            env=dict(os.environ),
+            env=clean,
         ).stdout.strip()
     )
     # The dependencies from this environment (a path line: its .pth files, the editable radflow
     # among them, are not run), after the venv's own site-packages.
     (site / "zz-radflow-test-deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    # --force-reinstall: the editable radflow of this environment is visible through the .pth file
     pip = _run(
-        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--force-reinstall"]
+        + [str(wheel)],
         cwd=base,
-        env=dict(os.environ),
+        env=clean,
     )
     assert pip.returncode == 0, pip.stderr[-3000:]
     env = {
         k: v
-        for k, v in os.environ.items()
+        for k, v in clean.items()
         if k
         not in (
-            "PYTHONPATH",
             "MLFLOW_TRACKING_URI",
             "MLFLOW_S3_ENDPOINT_URL",
             "PREFECT_API_URL",
             "RADFLOW_LEDGER_URL",
             "RADFLOW_CODE_VERSION",
             "RADFLOW_PSEUDONYM_KEY",
-            "VIRTUAL_ENV",
         )
     }
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"
