@@ -171,7 +171,8 @@ def plot_detection_grid(
 
     Boxes are in the images' pixels; the caller chooses which boxes to show (e.g. those above
     the served threshold) and names each detector's entry as its legend should read. Scores are
-    written in white on a box of the detector's colour, above the box (below it at the top edge).
+    written in white on a box of the detector's colour: above the first detector's boxes, below the
+    others' (flipped at the image edge).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -201,12 +202,17 @@ def plot_detection_grid(
                     fill=False, ec="lime", lw=1.5,
                 )
             )  # fmt: skip
-        for (_, boxes), (colour, style) in zip(detections.items(), styles, strict=False):
+        for d, ((_, boxes), (colour, style)) in enumerate(
+            zip(detections.items(), styles, strict=False)
+        ):
             for x0, y0, x1, y1, score in as_boxes(boxes[k], 5, f"detections[{k}]"):
                 ax.add_patch(
                     Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=colour, ls=style, lw=1.5)
                 )
-                top = y0 > 0.08 * image.shape[0]  # room above the box for the label
+                # The first detector's label above its box, the others' below, so two detectors'
+                # labels on one lesion do not cover each other; flipped where the edge is near.
+                room = 0.08 * image.shape[0]
+                top = y0 > room if d == 0 else y1 > image.shape[0] - room
                 ax.text(
                     x0,
                     y0 - 2 if top else y1 + 2,
