@@ -17,6 +17,7 @@ from pipeline_steps.core.config import IngestParams, ValidateParams
 from pipeline_steps.core.deid import pseudonym_key
 from pipeline_steps.core.dicom_tags import GRAYSCALE
 from pipeline_steps.core.errors import DataError, ValidationFailed
+from pipeline_steps.core.files import atomic_path
 from pipeline_steps.core.labels import LABEL_COLUMNS, NO_FINDING
 from pipeline_steps.core.layout import Layout
 from pipeline_steps.core.screening import METADATA_COLUMNS, build_metadata
@@ -564,9 +565,14 @@ def run(
         pseudonym_key=key.mode,
     )
     layout.interim.mkdir(parents=True, exist_ok=True)
-    metadata.to_parquet(layout.metadata, index=False)
-    labels.to_parquet(layout.labels, index=False)
-    quarantine.to_csv(layout.quarantine, index=False)
+    # data/interim is a DVC-cached out: with link-type caches the old files may be hardlinks into
+    # the cache, so they are replaced, never rewritten in place.
+    with atomic_path(layout.metadata) as tmp:
+        metadata.to_parquet(tmp, index=False)
+    with atomic_path(layout.labels) as tmp:
+        labels.to_parquet(tmp, index=False)
+    with atomic_path(layout.quarantine) as tmp:
+        quarantine.to_csv(tmp, index=False)
     summary = asdict(report) | {
         "quarantined_by_reason": quarantine["reason"].value_counts().to_dict(),
         "warnings": [asdict(w) for w in report.warnings],
