@@ -83,12 +83,8 @@ def main() -> int:
 
     from pipeline_steps.core.config import DetectionParams, TrainParams
     from pipeline_steps.core.detector import build_detector, decode_detections, predict_outputs
-    from pipeline_steps.train import (
-        compile_detector,
-        make_train_dataset,
-        sample_size,
-        samples_per_epoch,
-    )
+    from pipeline_steps.core.train_input import make_train_dataset, sample_size, samples_per_epoch
+    from pipeline_steps.train import compile_detector
 
     load_before = os.getloadavg()
     if args.workspace:

@@ -81,7 +81,7 @@ def train(layout: Layout, params: Params, progress: Progress | None = None) -> d
     from pipeline_steps import train as step
 
     # The training core logs each epoch itself; no second callback is needed here.
-    result = step.run(layout, params.train, params.test, params.preprocess.input_size)
+    result = step.run(layout, params.train, params.test, params.preprocess, params.synth)
     return {"epochs_run": result.epochs_run, "resumed_from_epoch": result.resumed_from_epoch}
 
 

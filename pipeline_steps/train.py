@@ -1,52 +1,61 @@
-"""Stage `train`: the detector trained on the train split with streaming tf.data input and paired
-augmentation (core/augment), per-epoch validation (loss and AP), early stopping, and checkpoints that
-a re-run resumes from."""
+"""Stage `train`: the detector trained on the train split, mixed with freshly synthesised studies
+(synthetic/stream), through streaming tf.data input with paired augmentation and hard-negative crops
+(core/augment); per-epoch validation (loss and AP), early stopping, and checkpoints that a re-run
+resumes from. The device profile (cpu/gpu) sizes the model and the batches."""
 
 from __future__ import annotations
 
-import itertools
+import hashlib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline_steps.core.augment import build_lesion_bank, training_transform
-from pipeline_steps.core.config import DetectionParams, TrainParams
-from pipeline_steps.core.detector import (
-    STRIDE,
-    build_detector,
-    decode_detections,
-    encode_targets,
-    keras_losses,
-    loss_components,
-    pack_targets,
+from pipeline_steps.core.config import (
+    DetectionParams,
+    PreprocessParams,
+    SynthParams,
+    TrainParams,
 )
+from pipeline_steps.core.detector import build_detector, keras_losses
+from pipeline_steps.core.detector_eval import evaluate_detector, mine_hard_negatives
+from pipeline_steps.core.device_profile import DeviceProfile, resolve_profile, visible_gpus
 from pipeline_steps.core.errors import ConfigError, DataError
 from pipeline_steps.core.files import atomic_path, write_text_atomic
 from pipeline_steps.core.layout import Layout
-from pipeline_steps.core.metrics import average_precision
+from pipeline_steps.core.train_input import (
+    ExampleSource,
+    Stream,
+    StreamLog,
+    check_source,
+    make_train_dataset,
+    sample_size,
+    samples_per_epoch,
+    stream_manifest,
+    streamed_per_epoch,
+)
+from pipeline_steps.synthetic.stream import (
+    GENERATOR_VERSION,
+    StudyProducer,
+    params_digest,
+    stream_synth_params,
+)
 
 if TYPE_CHECKING:
     import keras
-    import tensorflow as tf
 
 
 log = logging.getLogger(__name__)
 
-Example = tuple[np.ndarray, np.ndarray]
-ExampleSource = Callable[[], Iterator[Example]]
 EpochCallback = Callable[[int, dict[str, float]], None]
-T = TypeVar("T")
 
 STATE_FILE = "state.json"
-# Scores below this are not worth ranking when computing the validation AP.
-VAL_SCORE_FLOOR = 0.05
 
 
 @dataclass(frozen=True)
@@ -65,163 +74,8 @@ class TrainResult:
     resumed_from_epoch: int
     best_epoch: int = 0
     stopped_early: bool = False
-
-
-def sample_size(params: TrainParams, input_size: int) -> int:
-    """Side of the training samples: the crop size, or the whole image."""
-    return min(params.crop_size, input_size) if params.crop_size else input_size
-
-
-def samples_per_epoch(params: TrainParams, n_examples: int, input_size: int) -> int:
-    """Crops are drawn `crops_per_image` times per image and epoch; whole images once."""
-    return n_examples * (
-        params.crops_per_image if sample_size(params, input_size) < input_size else 1
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Input pipeline
-# --------------------------------------------------------------------------------------------
-
-
-def check_example(image: Any, boxes: Any, input_size: int) -> Example:
-    """The example as float32 arrays; DataError when it breaks the preprocessing contract."""
-    image = np.asarray(image, np.float32)
-    if image.shape != (input_size, input_size):
-        raise DataError(
-            f"training example has image shape {image.shape}, expected ({input_size}, "
-            f"{input_size}) from preprocess.input_size; re-run the preprocess stage."
-        )
-    boxes = np.asarray(boxes, np.float32)
-    if boxes.size and (boxes.ndim != 2 or boxes.shape[1] != 4):
-        raise DataError(f"training example has boxes of shape {boxes.shape}, expected (k, 4).")
-    return image, boxes.reshape(-1, 4)
-
-
-def _check_source(examples: ExampleSource, n_examples: int, input_size: int) -> None:
-    """Peek at the first example, so a broken contract fails here, not deep inside tf.data."""
-    iterator = examples()
-    try:
-        first = next(iterator, None)
-        if first is None:
-            raise DataError(f"the training examples are empty although n_train={n_examples}.")
-        check_example(*first, input_size)
-    finally:
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            close()
-
-
-def shuffled(items: Iterable[T], buffer_size: int, rng: np.random.Generator) -> Iterator[T]:
-    """Stream `items` in a random order using a bounded buffer (exact shuffle when it fits)."""
-    buffer: list[T] = []
-    for item in items:
-        if len(buffer) < buffer_size:
-            buffer.append(item)
-            continue
-        j = int(rng.integers(buffer_size))
-        yield buffer[j]
-        buffer[j] = item
-    order = rng.permutation(len(buffer))
-    yield from (buffer[i] for i in order)
-
-
-def make_train_dataset(
-    examples: ExampleSource,
-    n_examples: int,
-    input_size: int,
-    params: TrainParams,
-    first_epoch: int = 0,
-) -> tf.data.Dataset:
-    """Batches of (image (B,C,C,1), packed targets (B,C/4,C/4,6)) streamed from `examples`.
-
-    C is `params.crop_size` when training on crops (each image then yields
-    `params.crops_per_image` crops per epoch, see `training_transform`), else the input size.
-
-    Each pass over the dataset is one epoch; its shuffle and augmentation are seeded from
-    (params.seed, epoch), counting from `first_epoch`. Keras opens the next pass as soon as
-    one ends, so passes are counted rather than read from callbacks.
-    """
-    import tensorflow as tf
-
-    epochs = itertools.count(first_epoch)
-    bank = build_lesion_bank(examples()) if params.paste_fraction > 0 else None
-    transform = training_transform(params, input_size, bank)
-    size = sample_size(params, input_size)
-    repeats = samples_per_epoch(params, 1, input_size)
-    n_cells = size // STRIDE
-
-    def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        rng = np.random.default_rng([params.seed, next(epochs)])
-        # Each image enters the shuffle `repeats` times (the same array, not copies), so its
-        # crops land in different batches.
-        repeated = (raw for raw in examples() for _ in range(repeats))
-        for raw in shuffled(repeated, params.shuffle_buffer, rng):
-            image, boxes = check_example(*raw, input_size)
-            if transform is not None:
-                image, boxes = transform(image, boxes, rng)
-            yield image[..., None], pack_targets(encode_targets(boxes, size))
-
-    dataset = tf.data.Dataset.from_generator(
-        generate,
-        output_signature=(
-            tf.TensorSpec((size, size, 1), tf.float32),
-            tf.TensorSpec((n_cells, n_cells, 6), tf.float32),
-        ),
-    )
-    # A known length lets Keras size epochs and the schedule; a source that yields a different
-    # count fails loudly instead of silently shortening epochs.
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(n_examples * repeats))
-    return dataset.batch(params.batch_size).prefetch(2)
-
-
-def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    iterator = iter(items)
-    while batch := list(itertools.islice(iterator, size)):
-        yield batch
-
-
-# --------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------
-
-
-def evaluate_detector(
-    model: keras.Model,
-    examples: ExampleSource,
-    input_size: int,
-    test_params: DetectionParams,
-    batch_size: int,
-    iou_threshold: float,
-) -> dict[str, float]:
-    """Loss components and AP at `iou_threshold` (the test stage's definition) over `examples`.
-
-    Detections are ranked down to VAL_SCORE_FLOOR rather than cut at the test threshold,
-    so that AP sees the whole precision-recall curve.
-    """
-    ranking = test_params.model_copy(
-        update={"score_threshold": min(test_params.score_threshold, VAL_SCORE_FLOOR)}
-    )
-    totals = {"loss": 0.0, "heatmap_loss": 0.0, "size_loss": 0.0, "offset_loss": 0.0}
-    n = 0
-    detections: list[np.ndarray] = []
-    truths: list[np.ndarray] = []
-    for batch in _batches(examples(), batch_size):
-        pairs = [check_example(image, boxes, input_size) for image, boxes in batch]
-        images = np.stack([image for image, _ in pairs])[..., None]
-        targets = np.stack([pack_targets(encode_targets(b, input_size)) for _, b in pairs])
-        outputs = np.asarray(model.predict_on_batch(images))
-        parts = {k: float(v) for k, v in loss_components(targets, outputs).items()}
-        for key in totals:
-            totals[key] += parts[key] * len(pairs)
-        n += len(pairs)
-        detections.extend(decode_detections(outputs, ranking, input_size))
-        truths.extend(boxes for _, boxes in pairs)
-    if n == 0:
-        return {}
-    metrics = {key: value / n for key, value in totals.items()}
-    metrics["ap"] = average_precision(detections, truths, iou_threshold)
-    return metrics
+    # Epoch -> {index: [pixel SHA-256, lesion diameters]} of the streamed studies trained on.
+    streamed: dict[int, dict[str, list[Any]]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,14 +96,21 @@ class _TrainState:
     stopped_early: bool = False
     model_file: str | None = None
     best_file: str | None = None
+    # Example position -> false-positive centres, as mined after the last mining epoch.
+    hard_negatives: dict[str, list[list[float]]] = field(default_factory=dict)
+    # Epoch -> {index: [pixel SHA-256, lesion diameters]} of the streamed studies it trained on.
+    streamed: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
 
 
-def _fingerprint(params: TrainParams, input_size: int, n_train: int) -> dict[str, Any]:
+def _fingerprint(
+    params: TrainParams, input_size: int, n_train: int, synth: dict[str, Any] | None = None
+) -> dict[str, Any]:
     # Everything that shapes the training trajectory; patience only decides when to stop.
     return {
         "input_size": input_size,
         "n_train": n_train,
         **params.model_dump(mode="json", exclude={"patience"}),
+        **({"stream_synth": synth} if synth is not None else {}),
     }
 
 
@@ -314,9 +175,12 @@ class _EpochHandler:
         test_params: DetectionParams,
         input_size: int,
         on_epoch_end: EpochCallback | None,
+        train_examples: ExampleSource | None = None,
+        stream_log: StreamLog | None = None,
     ) -> None:
         self.state = state
         self.checkpoint_dir = checkpoint_dir
+        self.train_examples, self.stream_log = train_examples, stream_log
         self.val_examples, self.n_val = val_examples, n_val
         self.params, self.test_params = params, test_params
         self.input_size = input_size
@@ -326,6 +190,12 @@ class _EpochHandler:
 
     def begin_epoch(self) -> None:
         self.epoch_started = time.monotonic()
+
+    def hard_negatives(self) -> dict[int, np.ndarray]:
+        return {
+            int(k): np.asarray(v, np.float32).reshape(-1, 2)
+            for k, v in self.state.hard_negatives.items()
+        }
 
     def end_epoch(self, model: keras.Model, epoch: int, keras_logs: dict[str, Any]) -> bool:
         """Handle the end of 0-based `epoch`; returns True when training should stop."""
@@ -341,13 +211,35 @@ class _EpochHandler:
                 self.params.val_iou,
             )
             logs.update({f"val_{k}": v for k, v in val.items()})
+        state = self.state
+        done = epoch + 1
+        mining = (
+            self.params.hard_negative_fraction > 0
+            and self.train_examples is not None
+            and done % self.params.hard_negative_every == 0
+            and done < self.params.epochs
+        )
+        if mining:
+            assert self.train_examples is not None
+            mined = mine_hard_negatives(
+                model,
+                self.train_examples,
+                self.input_size,
+                self.test_params,
+                self.params.batch_size,
+            )
+            state.hard_negatives = {str(k): v.tolist() for k, v in mined.items()}
+        if self.params.hard_negative_fraction > 0:
+            logs["hard_negatives"] = float(sum(len(v) for v in state.hard_negatives.values()))
+        if self.stream_log is not None and epoch in self.stream_log.epochs:
+            state.streamed[str(epoch)] = {
+                str(i): [sha, list(d)] for i, (sha, d) in self.stream_log.epochs[epoch].items()
+            }
         # Wall time of the epoch's training and validation (the time budget is in these).
         logs["epoch_seconds"] = time.monotonic() - self.epoch_started
-        state = self.state
         for key, value in logs.items():
             state.history.setdefault(key, []).append(value)
 
-        done = epoch + 1
         score = _monitor_key(logs, self.params.monitor)
         improved = state.best_key is None or score > state.best_key
         if improved:
@@ -384,7 +276,12 @@ class _EpochHandler:
 # --------------------------------------------------------------------------------------------
 
 
-def compile_detector(model: keras.Model, params: TrainParams, steps_per_epoch: int) -> None:
+def compile_detector(
+    model: keras.Model,
+    params: TrainParams,
+    steps_per_epoch: int,
+    profile: DeviceProfile | None = None,
+) -> None:
     """Adam with a one-epoch linear warmup then cosine decay to 5% over the remaining steps."""
     import keras
 
@@ -398,7 +295,13 @@ def compile_detector(model: keras.Model, params: TrainParams, steps_per_epoch: i
         warmup_steps=warmup,
     )
     loss, metrics = keras_losses()
-    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=loss, metrics=metrics)
+    optimizer: Any = keras.optimizers.Adam(schedule)
+    extra: dict[str, Any] = {}
+    if profile is not None and profile.mixed_precision:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    if profile is not None and profile.jit_compile:
+        extra["jit_compile"] = True
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics, **extra)
 
 
 def train_detector(
@@ -411,6 +314,8 @@ def train_detector(
     input_size: int,
     checkpoint_dir: Path,
     on_epoch_end: EpochCallback | None = None,
+    stream: Stream | None = None,
+    profile: DeviceProfile | None = None,
 ) -> TrainResult:
     """Train the detector, checkpointing each epoch into `checkpoint_dir` and resuming from it.
 
@@ -421,7 +326,8 @@ def train_detector(
     0-based epoch (as in Keras) and its metrics: loss and its parts, learning_rate, and
     val_loss, val_ap (AP at params.val_iou), ... when there is validation data. A re-run with
     the same params and data size continues after the last completed epoch; other params
-    start over.
+    start over. `stream` mixes synthetic studies into every epoch (`TrainResult.streamed`
+    names each one); `profile` (resolved by `resolve_profile`) sets precision and XLA.
     """
     import keras
     import tensorflow as tf
@@ -441,13 +347,23 @@ def train_detector(
         )
     steps_per_epoch = math.ceil(samples_per_epoch(params, n_train, input_size) / params.batch_size)
 
-    fingerprint = _fingerprint(params, input_size, n_train)
+    synth = None
+    if stream is not None:
+        synth = {
+            "generator": GENERATOR_VERSION,
+            "params_sha256": params_digest(stream.params),
+            "seed": stream.seed,
+            "per_epoch": stream.per_epoch,
+        }
+    fingerprint = _fingerprint(params, input_size, n_train, synth)
+    if profile is not None:
+        fingerprint["device_profile"] = profile.name
     state = _read_state(checkpoint_dir, fingerprint)
     needs_training = state is None or (
         not state.stopped_early and state.epochs_completed < params.epochs
     )
     if needs_training:
-        _check_source(train_examples, n_train, input_size)
+        check_source(train_examples, n_train, input_size)
     if state is not None:
         assert state.model_file is not None
         model = keras.saving.load_model(checkpoint_dir / state.model_file)
@@ -459,13 +375,23 @@ def train_detector(
     else:
         state = _TrainState(fingerprint=fingerprint)
         model = build_detector(input_size, params)
-        compile_detector(model, params, steps_per_epoch)
+        compile_detector(model, params, steps_per_epoch, profile)
     resumed_from = state.epochs_completed
 
     if n_val == 0:
         log.warning("no validation examples: early stopping watches the training loss")
+    stream_log = StreamLog() if stream is not None else None
     handler = _EpochHandler(
-        state, checkpoint_dir, val_examples, n_val, params, test_params, input_size, on_epoch_end
+        state,
+        checkpoint_dir,
+        val_examples,
+        n_val,
+        params,
+        test_params,
+        input_size,
+        on_epoch_end,
+        train_examples=train_examples,
+        stream_log=stream_log,
     )
     if needs_training:
 
@@ -478,7 +404,16 @@ def train_detector(
                     self.model.stop_training = True
 
         model.fit(
-            make_train_dataset(train_examples, n_train, input_size, params, state.epochs_completed),
+            make_train_dataset(
+                train_examples,
+                n_train,
+                input_size,
+                params,
+                state.epochs_completed,
+                stream=stream,
+                stream_log=stream_log,
+                hard_negatives=handler.hard_negatives,
+            ),
             epochs=params.epochs,
             initial_epoch=state.epochs_completed,
             callbacks=[_Callback()],
@@ -494,13 +429,12 @@ def train_detector(
         resumed_from_epoch=resumed_from,
         best_epoch=state.best_epoch,
         stopped_early=state.stopped_early,
+        streamed={int(e): v for e, v in state.streamed.items()},
     )
 
 
 def checkpoint_key(manifest_path: Path, params: TrainParams, input_size: int) -> str:
     """Checkpoints resume only a run on the same split data and parameters."""
-    import hashlib
-
     digest = hashlib.sha256(manifest_path.read_bytes())
     digest.update(params.model_dump_json().encode())
     digest.update(str(input_size).encode())
@@ -511,14 +445,19 @@ def run(
     layout: Layout,
     params: TrainParams,
     test_params: DetectionParams,
-    input_size: int,
+    preprocess: PreprocessParams,
+    synth: SynthParams,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Stage edge: processed shards -> models/detector.keras and reports/train_history.json."""
+    """Stage edge: processed shards (+ streamed studies) -> models/detector.keras,
+    reports/train_history.json and reports/training_stream.json."""
+    import keras
+
     from pipeline_steps.core.shards import load_split
 
     if not layout.manifest.exists():
         raise DataError(f"{layout.manifest}: missing. Run the `preprocess` stage first.")
+    input_size = preprocess.input_size
     train_split = load_split(layout.processed, "train")
     val_split = load_split(layout.processed, "val")
     if len(train_split) == 0 or len(val_split) == 0:
@@ -526,23 +465,58 @@ def run(
             f"{layout.manifest}: train has {len(train_split)} and val {len(val_split)} labelled images; "
             "both need at least one. Ingest more labelled studies or adjust preprocess.split."
         )
+    effective, profile = resolve_profile(params, visible_gpus(), input_size)
+    log.info("training profile: %s", profile.describe(effective))
     checkpoint_dir = layout.checkpoints / checkpoint_key(layout.manifest, params, input_size)
     started = time.monotonic()
-    result = train_detector(
-        train_split.examples,
-        len(train_split),
-        val_split.examples,
-        len(val_split),
-        params,
-        test_params,
-        input_size,
-        checkpoint_dir,
-        on_epoch_end,
-    )
+    per_epoch = streamed_per_epoch(params, len(train_split))
+    stream_params = stream_synth_params(synth, params.synthetic)
+    workers = params.synthetic.workers if per_epoch else 0
+    policy = keras.mixed_precision.global_policy()
+    if profile.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        with StudyProducer(stream_params, params.synthetic.seed, preprocess, workers) as producer:
+            stream = (
+                Stream(producer, stream_params, params.synthetic.seed, per_epoch)
+                if per_epoch
+                else None
+            )
+            result = train_detector(
+                train_split.examples,
+                len(train_split),
+                val_split.examples,
+                len(val_split),
+                effective,
+                test_params,
+                input_size,
+                checkpoint_dir,
+                on_epoch_end,
+                stream=stream,
+                profile=profile,
+            )
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
     layout.model.parent.mkdir(parents=True, exist_ok=True)
-    result.model.save(layout.model)
+    with atomic_path(layout.model, keep_suffix=True) as tmp:
+        result.model.save(str(tmp))
     layout.reports.mkdir(parents=True, exist_ok=True)
-    layout.train_history.write_text(
+    write_text_atomic(
+        layout.training_stream,
+        json.dumps(
+            stream_manifest(
+                result.streamed,
+                stream_params,
+                params,
+                per_epoch,
+                GENERATOR_VERSION,
+                params_digest(stream_params),
+            ),
+            indent=1,
+        ),
+    )
+    write_text_atomic(
+        layout.train_history,
         json.dumps(
             {
                 "history": result.history,
@@ -550,10 +524,12 @@ def run(
                 "resumed_from_epoch": result.resumed_from_epoch,
                 "n_train": len(train_split),
                 "n_val": len(val_split),
+                "n_streamed": sum(len(v) for v in result.streamed.values()),
+                "profile": profile.describe(effective),
                 # This call only; history["epoch_seconds"] covers resumed epochs too.
                 "train_seconds": round(time.monotonic() - started, 1),
             },
             indent=2,
-        )
+        ),
     )
     return result

@@ -1,6 +1,7 @@
 """Training augmentation: small callables on (image, boxes) with randomness from an explicit generator,
 so a resumed run sees the same augmented epochs as an uninterrupted one. Crops with positive
-oversampling, flips, zoom/shift, intensity, noise, and pasted small lesions."""
+oversampling or at hard negatives, flips, zoom/shift, intensity, noise matched to the image's own, and
+pasted small lesions."""
 
 from __future__ import annotations
 
@@ -38,14 +39,26 @@ class RandomCrop:
         self.size, self.lesion_p = size, lesion_p
 
     def __call__(
-        self, image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator
+        self,
+        image: np.ndarray,
+        boxes: np.ndarray,
+        rng: np.random.Generator,
+        focus: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
+        """`focus` (x, y), when given, centres the window there (give or take a quarter of it),
+        clamped to the image: a hard-negative crop."""
         rows, cols = image.shape
         if self.size >= rows and self.size >= cols:
             return image, boxes
         span = [cols - self.size, rows - self.size]  # largest x0, y0
         corner = [int(rng.integers(0, s + 1)) for s in span]
-        if len(boxes) and rng.random() < self.lesion_p:
+        if focus is not None:
+            jitter = rng.uniform(-0.25, 0.25, 2) * self.size
+            corner = [
+                int(np.clip(round(focus[axis] + jitter[axis] - self.size / 2), 0, span[axis]))
+                for axis in (0, 1)
+            ]
+        elif len(boxes) and rng.random() < self.lesion_p:
             box = boxes[int(rng.integers(len(boxes)))]
             for axis in (0, 1):
                 lo = max(0, math.ceil(box[axis + 2]) - self.size)
@@ -138,16 +151,35 @@ class RandomIntensity:
         return np.clip(out, 0, 1).astype(np.float32), boxes
 
 
-class GaussianNoise:
-    """Additive noise with a standard deviation drawn up to `max_std` per image."""
+def estimate_noise_std(image: np.ndarray) -> float:
+    """White-noise standard deviation of an image, after Immerkaer (1996): the mean absolute
+    response to a Laplacian-difference kernel that cancels planes and ramps, scaled for a
+    gaussian. Edges of anatomy add to it, so it errs high on textured images, never low by more
+    than rounding; letterbox padding (exactly 0) is left out."""
+    a = np.asarray(image, np.float64)
+    if a.ndim != 2 or min(a.shape) < 3:
+        return 0.0
+    # Kernel [[1,-2,1],[-2,4,-2],[1,-2,1]] as the outer product of [1,-2,1] with itself.
+    rows = a[:-2] - 2 * a[1:-1] + a[2:]
+    response = rows[:, :-2] - 2 * rows[:, 1:-1] + rows[:, 2:]
+    inside = (a[:-2, :-2] > 0) & (a[2:, 2:] > 0) & (a[:-2, 2:] > 0) & (a[2:, :-2] > 0)
+    if not inside.any():
+        return 0.0
+    return float(math.sqrt(math.pi / 2) / 6 * np.abs(response[inside]).mean())
 
-    def __init__(self, max_std: float = 0.02) -> None:
-        self.max_std = max_std
+
+class MatchedNoise:
+    """Additive gaussian noise at the scale of the image's own noise: the standard deviation is
+    drawn up to `scale` x `estimate_noise_std(image)` per image, so at most about doubling the
+    noise variance for `scale` 1 (a fixed std would swamp the faint nodules of a clean image)."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale
 
     def __call__(
         self, image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
-        std = rng.uniform(0, self.max_std)
+        std = rng.uniform(0, self.scale) * estimate_noise_std(image)
         noise = rng.standard_normal(image.shape, dtype=np.float32) * np.float32(std)
         return np.clip(image + noise, 0, 1).astype(np.float32), boxes
 
@@ -286,25 +318,46 @@ class LesionPaste:
         return out, np.concatenate(placed).astype(np.float32)
 
 
-def default_augmentation() -> Compose:
-    """Cheap on CPU (a few ms per 256^2 image): flip, mild zoom/shift, intensity, noise."""
-    return Compose([RandomHorizontalFlip(), RandomScaleShift(), RandomIntensity(), GaussianNoise()])
+def default_augmentation(noise_scale: float = 1.0) -> Compose:
+    """Cheap on CPU (a few ms per 256^2 image): flip, mild zoom/shift, intensity, matched noise."""
+    return Compose(
+        [RandomHorizontalFlip(), RandomScaleShift(), RandomIntensity(), MatchedNoise(noise_scale)]
+    )
 
 
-def training_transform(
-    params: TrainParams, input_size: int, bank: LesionBank | None = None
-) -> Compose | None:
-    """What each training example goes through: pasted small lesions (with a `bank` and
+class TrainingTransform:
+    """What each training example goes through: pasted small lesions (with a bank and
     `params.paste_fraction`), the crop (if any), then the augmentation.
 
     Pasting comes before the crop, so that lesion crops are placed over pasted lesions too; the
     crop comes before the rest so that the augmentation only works on the pixels that are kept.
+    `focus` (x, y) makes the crop a hard-negative crop centred there.
     """
-    steps: list[Any] = []
-    if bank is not None and params.paste_fraction > 0:
-        steps.append(LesionPaste(bank, params.paste_fraction))
-    if 0 < params.crop_size < input_size:
-        steps.append(RandomCrop(params.crop_size, params.lesion_crop_fraction))
-    if params.augment:
-        steps.extend(default_augmentation().transforms)
-    return Compose(steps) if steps else None
+
+    def __init__(self, params: TrainParams, input_size: int, bank: LesionBank | None = None):
+        self.paste = (
+            LesionPaste(bank, params.paste_fraction)
+            if bank is not None and params.paste_fraction > 0
+            else None
+        )
+        self.crop = (
+            RandomCrop(params.crop_size, params.lesion_crop_fraction)
+            if 0 < params.crop_size < input_size
+            else None
+        )
+        self.augment = default_augmentation(params.noise_scale) if params.augment else None
+
+    def __call__(
+        self,
+        image: np.ndarray,
+        boxes: np.ndarray,
+        rng: np.random.Generator,
+        focus: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if self.paste is not None:
+            image, boxes = self.paste(image, boxes, rng)
+        if self.crop is not None:
+            image, boxes = self.crop(image, boxes, rng, focus)
+        if self.augment is not None:
+            image, boxes = self.augment(image, boxes, rng)
+        return image, boxes

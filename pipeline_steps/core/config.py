@@ -183,6 +183,27 @@ class ExtractFeaturesParams(_Section):
         return self
 
 
+class TrainSyntheticParams(_Section):
+    """Freshly synthesised studies mixed into every training epoch (pipeline_steps/synthetic/stream.py).
+
+    Each streamed study is identified by (generator version, the synth params below applied to the
+    `synth` section, `seed`, index): the training manifest records them and `radflow trace` can
+    regenerate any one bit for bit. Streamed seeds use their own random streams, so they never
+    reproduce an image of the ingested dataset (nor its test split).
+    """
+
+    # Share of each epoch's training images that are streamed studies (0: ingested images only).
+    # 0.5 adds as many fresh studies per epoch as there are ingested training images.
+    fraction: float = Field(0.0, ge=0.0, le=0.9)
+    seed: int = 1
+    # Detector matrix of streamed studies: same field of view and dose per mm^2 as `synth`, on a
+    # coarser grid (cheaper to render; must stay at least twice as fine as preprocess's spacing).
+    native_size: int = Field(512, ge=256, le=4096)
+    workers: int = Field(1, ge=0, le=16, description="producer processes; 0 = in the trainer")
+    # The lesion statistics of streamed studies: biased to the small nodules the detector misses.
+    lesions: LesionParams = LesionParams(positive_fraction=0.8, diameter_mm=(5.0, 20.0))
+
+
 class TrainParams(_Section):
     """Detector training (pipeline_steps/train.py); width/depth size the network."""
 
@@ -209,6 +230,17 @@ class TrainParams(_Section):
     # Share of training samples that get one or two training lesions pasted in, shrunk to small
     # nodule size (core/augment.LesionPaste): more examples of the small nodules the detector misses.
     paste_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    # Noise augmentation as a multiple of each image's own noise (estimated from the image,
+    # core/augment.estimate_noise_std): the added std is drawn up to noise_scale x that estimate.
+    noise_scale: float = Field(1.0, ge=0.0, le=10.0)
+    # Hard negatives: every `hard_negative_every` epochs the model's strongest false positives on
+    # the training images are found, and this share of crops is centred on them.
+    hard_negative_fraction: float = Field(0.0, ge=0.0, le=0.9)
+    hard_negative_every: int = Field(2, ge=1)
+    synthetic: TrainSyntheticParams = TrainSyntheticParams()
+    # auto: the gpu profile (wider model, larger batches and crops, mixed precision, XLA) when
+    # TensorFlow sees a GPU, else cpu (these params as written). Recorded with the run.
+    profile: Literal["auto", "cpu", "gpu"] = "auto"
 
 
 class BaselineParams(_Section):

@@ -198,15 +198,18 @@ def build_detector(input_size: int, params: TrainParams) -> keras.Model:
     # much as a backbone stage. Sharing it saved ~12% of the compute for a change in validation
     # AP within noise (README, "Experiments").
     h = layers.Conv2D(neck, 3, padding="same", activation="relu", name="head_conv")(p)
+    # The output layers compute in float32 under a mixed-precision policy (GPU profile): a
+    # sigmoid near the 0.01 prior and sizes of a few cells need more than float16 gives.
     heat = layers.Conv2D(
         1,
         1,
         activation="sigmoid",
         bias_initializer=keras.initializers.Constant(prior_bias),
         name="heatmap",
+        dtype="float32",
     )(h)
-    box = layers.Conv2D(4, 1, name="box")(h)
-    outputs = layers.Concatenate(name="detections")([heat, box])
+    box = layers.Conv2D(4, 1, name="box", dtype="float32")(h)
+    outputs = layers.Concatenate(name="detections", dtype="float32")([heat, box])
     return keras.Model(inputs, outputs, name="radflow_centernet")
 
 

@@ -365,13 +365,22 @@ def read_image(path: Path, default_spacing_mm: float, *, hash_pixels: bool = Tru
                 ds, _ = _open_dataset(fh, path.name)
         except OSError as exc:
             raise DataError(f"{path.name}: cannot be opened ({type(exc).__name__})") from None
+        return decode_dataset(ds, path.name, default_spacing_mm, hash_pixels=hash_pixels)
+
+
+def decode_dataset(
+    ds: Dataset, name: str, default_spacing_mm: float, *, hash_pixels: bool = True
+) -> DicomImage:
+    """`read_image` for a dataset already in memory (e.g. a synthesised study): the same decoding,
+    so the same pixels give the same tensor. Raises only DataError, naming `name`."""
+    with values_unvalidated():
         try:
-            return _decode(ds, path.name, default_spacing_mm, hash_pixels)
+            return _decode(ds, name, default_spacing_mm, hash_pixels)
         except DataError:
             raise
         except Exception as exc:  # a damaged element raises on first use, with any exception type
             raise DataError(
-                f"{path.name}: header cannot be interpreted ({type(exc).__name__})"
+                f"{name}: header cannot be interpreted ({type(exc).__name__})"
             ) from None
 
 

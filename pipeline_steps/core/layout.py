@@ -112,6 +112,11 @@ class Layout:
         return self.reports / "train_history.json"
 
     @property
+    def training_stream(self) -> Path:
+        """The synthetic studies streamed into training, by identity (train stage)."""
+        return self.reports / "training_stream.json"
+
+    @property
     def predictions(self) -> Path:
         return self.reports / "test_predictions.parquet"
 

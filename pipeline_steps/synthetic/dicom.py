@@ -102,11 +102,7 @@ def build_dataset(image: SynthImage, spec: ImageSpec) -> Dataset:
     ds.InstanceNumber = 1
     ds.PatientOrientation = ["L", "F"]
     ds.ImageLaterality = "U"
-    ds.PixelSpacing = [_ds(acq.pixel_spacing_mm)] * 2
-    ds.WindowCenter = _ds(image.window_center)
-    ds.WindowWidth = _ds(image.window_width)
-    ds.RescaleIntercept = _ds(acq.rescale_intercept)
-    ds.RescaleSlope = _ds(acq.rescale_slope)
+    _set_display_tags(ds, image)
     ds.RescaleType = "US"
     ds.PixelIntensityRelationship = "LOG"
     # +1: lower values mean less X-ray intensity (MONOCHROME1 here); -1 the other way round.
@@ -114,13 +110,39 @@ def build_dataset(image: SynthImage, spec: ImageSpec) -> Dataset:
     ds.PresentationLUTShape = "INVERSE" if acq.monochrome1 else "IDENTITY"
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
-    photometric = "MONOCHROME1" if acq.monochrome1 else "MONOCHROME2"
-    ds.set_pixel_data(image.stored, photometric, acq.bits_stored, generate_instance_uid=False)
+    _set_pixels(ds, image)
     if acq.rle:
         # pylibjpeg-rle and pydicom's own encoder write the same bytes; the former is ~10x faster.
         encoder = get_encoder(RLELossless)
         plugin = "pylibjpeg" if "pylibjpeg" in encoder.available_plugins else "pydicom"
         ds.compress(RLELossless, encoding_plugin=plugin, generate_instance_uid=False)
+    return ds
+
+
+def _set_display_tags(ds: Dataset, image: SynthImage) -> None:
+    """What a reader needs to turn stored values into display intensities (and mm)."""
+    acq = image.acquisition
+    ds.PixelSpacing = [_ds(acq.pixel_spacing_mm)] * 2
+    ds.WindowCenter = _ds(image.window_center)
+    ds.WindowWidth = _ds(image.window_width)
+    ds.RescaleIntercept = _ds(acq.rescale_intercept)
+    ds.RescaleSlope = _ds(acq.rescale_slope)
+
+
+def _set_pixels(ds: Dataset, image: SynthImage) -> None:
+    acq = image.acquisition
+    photometric = "MONOCHROME1" if acq.monochrome1 else "MONOCHROME2"
+    ds.set_pixel_data(image.stored, photometric, acq.bits_stored, generate_instance_uid=False)
+
+
+def pixel_dataset(image: SynthImage) -> Dataset:
+    """The image alone, uncompressed, with the same pixel and display tags `build_dataset` writes
+    and no identity at all: what training reads a streamed study from."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    _set_display_tags(ds, image)
+    _set_pixels(ds, image)
     return ds
 
 

@@ -29,7 +29,7 @@ from pipeline_steps.core.detector import (
     pack_targets,
     predict_outputs,
 )
-from pipeline_steps.train import make_train_dataset, samples_per_epoch, shuffled
+from pipeline_steps.core.train_input import make_train_dataset, samples_per_epoch, shuffled
 
 S = 64
 N_CELLS = S // STRIDE
