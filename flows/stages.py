@@ -48,13 +48,19 @@ def extract_features(layout: Layout, params: Params, progress: Progress | None =
     """Radiomic features, plus embeddings from the champion's backbone when MLflow has one.
 
     Without a champion (none yet, or MLflow unreachable) the stage still succeeds, without
-    embeddings, and the log says why."""
-    from flows import tracking
+    embeddings, and the log says why. The drift reference is the configured table, else the
+    production version's training images (flows/drift_reference.py)."""
+    from flows import drift_reference, tracking
     from pipeline_steps import extract_features as step
 
+    training = None
+    if not params.extract_features.drift.reference:
+        training, why = drift_reference.production_training(layout, params.register_.model_name)
+        if training is None:
+            log.info("extract_features: no drift reference: %s", why)
     if not params.extract_features.embeddings:
         log.info("extract_features: no CNN embeddings (extract_features.embeddings is false)")
-        return step.run(layout, params.extract_features, progress)
+        return step.run(layout, params.extract_features, progress, training=training)
     champion, why = tracking.load_champion(layout, params.register_.model_name)
     embedder = None
     if champion is None:
@@ -74,7 +80,7 @@ def extract_features(layout: Layout, params: Params, progress: Progress | None =
                 champion.version,
                 exc,
             )
-    return step.run(layout, params.extract_features, progress, embedder=embedder)
+    return step.run(layout, params.extract_features, progress, embedder=embedder, training=training)
 
 
 def train(layout: Layout, params: Params, progress: Progress | None = None) -> dict[str, object]:
@@ -95,7 +101,8 @@ def test(layout: Layout, params: Params, progress: Progress | None = None) -> di
         params.preprocess.input_size,
         spacing_mm=params.preprocess.target_spacing_mm,
     )
-    report.run(layout)
+    # The report judges the metrics against the gate's floors: one source for both.
+    report.run(layout, params.gate.thresholds)
     return metrics
 
 
@@ -106,7 +113,38 @@ def register(layout: Layout, params: Params, progress: Progress | None = None) -
     metrics, history = read_results(layout)
     lineage = read_lineage(layout, versioning.data_version(layout), versioning.data_git_rev(layout))
     registration = build_registration(params, lineage, versioning.code_version(), metrics, history)
-    return tracking.log_and_register(layout, registration, layout.model)
+    registered = tracking.log_and_register(layout, registration, layout.model)
+    try:
+        _name_version_in_report(layout, registered)
+    except Exception as exc:  # the version exists: a retry of the stage would register another
+        log.warning(
+            "register: version %s is registered, but its report copy could not be completed: %s",
+            registered.model_version,
+            str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__,
+        )
+    return registered
+
+
+def _name_version_in_report(layout: Layout, registered: Registered) -> None:
+    """The test report logged to the run, with the registered version and run filled in. The
+    workspace copy stays as the `test` stage wrote it (a DVC out of that stage)."""
+    import tempfile
+    from pathlib import Path
+
+    from flows import tracking
+    from pipeline_steps.core import report
+
+    if not layout.report_page.is_file():
+        return
+    page = report.with_registration(
+        layout.report_page.read_text(),
+        report.Registration(registered.model_name, registered.model_version, registered.run_id),
+    )
+    with tempfile.TemporaryDirectory(prefix="radflow-report-") as tmp:
+        named = Path(tmp) / layout.report_page.name
+        named.write_text(page, encoding="utf-8")
+        client = tracking.mlflow_client(tracking.tracking_uri(layout))
+        client.log_artifact(registered.run_id, str(named), artifact_path="reports/latest")
 
 
 def gate(layout: Layout, params: Params, progress: Progress | None = None) -> dict[str, object]:
@@ -154,7 +192,7 @@ STAGES: dict[str, Stage] = {
             "extract_features",
             extract_features,
             "pipeline_steps.extract_features",
-            ("flows.tracking",),
+            ("flows.tracking", "flows.drift_reference"),
         ),
         Stage("train", train, "pipeline_steps.train"),
         Stage("test", test, "pipeline_steps.test", ("pipeline_steps.core.report",)),
@@ -162,7 +200,7 @@ STAGES: dict[str, Stage] = {
             "register",
             register,
             "pipeline_steps.register",
-            ("flows.tracking", "flows.versioning"),
+            ("flows.tracking", "flows.versioning", "pipeline_steps.core.report"),
             retries=2,
             retry_delay_s=(5, 20),
         ),
