@@ -98,6 +98,10 @@ def init(path: Path) -> Layout:
         versioning.dvc(layout.root, "init", "-q")
         versioning.dvc(layout.root, "config", "core.autostage", "true")
         versioning.dvc(layout.root, "config", "core.analytics", "false")
+        # Link outs to the cache instead of copying them (data stored once). Not reflink first: on a
+        # filesystem without it (ext4), DVC 3 then copies on add/commit. DVC makes linked files
+        # read-only, and every stage replaces its outs atomically, so a cached file is never edited.
+        versioning.dvc(layout.root, "config", "cache.type", "hardlink,symlink,copy")
     ignore = layout.gitignore
     present = set(ignore.read_text().splitlines()) if ignore.exists() else set()
     with ignore.open("a") as fh:
