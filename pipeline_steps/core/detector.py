@@ -138,9 +138,9 @@ def stage_channels(params: TrainParams) -> list[int]:
 def build_detector(input_size: int, params: TrainParams) -> keras.Model:
     """CenterNet-style detector: residual backbone, top-down (FPN-like) neck to stride 4, heads.
 
-    Input (B, S, S, 1) float32 in [0, 1]; output (B, S/4, S/4, 5) with channels
-    OUTPUT_CHANNELS: heatmap probability (sigmoid), box width/height in stride-4 cells and
-    the centre offset within the cell. `params.depth` downsampling stages follow a stride-2
+    Input (B, S, S, 1) float32 in [0, 1]; output (B, S/r, S/r, 5), r = `params.output_stride`
+    (4, or 2 with one more top-down level), with channels OUTPUT_CHANNELS: heatmap probability
+    (sigmoid), box width/height in output cells and the centre offset within the cell. `params.depth` downsampling stages follow a stride-2
     stem, so the deepest feature is at stride 2**(depth+1); `params.width` sets channels.
     The network is fully convolutional: it is built for `input_size` (which must be a
     multiple of that stride) but accepts any such size, so it can train on crops
@@ -181,6 +181,7 @@ def build_detector(input_size: int, params: TrainParams) -> keras.Model:
         channels_in.append(_hessian_block(inputs, sigma, f"hessian_{k}"))
     x = layers.BatchNormalization(momentum=0.9)(layers.Concatenate()(channels_in))
     x = conv_bn(x, channels[0], strides=2)  # stride 2
+    stem = x
     features = []
     for filters in channels[1:]:
         x = residual_down(x, filters)
@@ -192,12 +193,24 @@ def build_detector(input_size: int, params: TrainParams) -> keras.Model:
         p = layers.UpSampling2D(2, interpolation="nearest")(p)
         p = layers.Add()([p, conv_bn(feature, neck, kernel=1, relu=False)])
         p = conv_bn(p, neck)
+    head_channels = neck
+    if params.output_stride == 2:
+        # One more top-down level, onto the stem: half the channels at four times the cells.
+        head_channels = params.width
+        p = layers.UpSampling2D(2, interpolation="nearest")(p)
+        p = layers.Add()(
+            [
+                conv_bn(p, head_channels, kernel=1),
+                conv_bn(stem, head_channels, kernel=1, relu=False),
+            ]
+        )
+        p = conv_bn(p, head_channels)
 
     prior_bias = -math.log((1 - HEATMAP_PRIOR) / HEATMAP_PRIOR)
     # One 3x3 head conv shared by the heatmap and box outputs: at stride 4 a head conv costs as
     # much as a backbone stage. Sharing it saved ~12% of the compute for a change in validation
     # AP within noise (README, "Experiments").
-    h = layers.Conv2D(neck, 3, padding="same", activation="relu", name="head_conv")(p)
+    h = layers.Conv2D(head_channels, 3, padding="same", activation="relu", name="head_conv")(p)
     # The output layers compute in float32 under a mixed-precision policy (GPU profile): a
     # sigmoid near the 0.01 prior and sizes of a few cells need more than float16 gives.
     heat = layers.Conv2D(

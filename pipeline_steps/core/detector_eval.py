@@ -47,8 +47,9 @@ def evaluate_detector(
     for batch in batches(examples(), batch_size):
         pairs = [check_example(image, boxes, input_size) for image, boxes in batch]
         images = np.stack([image for image, _ in pairs])[..., None]
-        targets = np.stack([pack_targets(encode_targets(b, input_size)) for _, b in pairs])
         outputs = np.asarray(model.predict_on_batch(images))
+        stride = input_size // outputs.shape[1]
+        targets = np.stack([pack_targets(encode_targets(b, input_size, stride)) for _, b in pairs])
         parts = {k: float(v) for k, v in loss_components(targets, outputs).items()}
         for key in totals:
             totals[key] += parts[key] * len(pairs)

@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline_steps.core.augment import TrainingTransform, build_lesion_bank
 from pipeline_steps.core.config import SynthParams, TrainParams
-from pipeline_steps.core.detector import STRIDE, encode_targets, pack_targets
+from pipeline_steps.core.detector import encode_targets, pack_targets
 from pipeline_steps.core.errors import DataError
 
 if TYPE_CHECKING:
@@ -144,8 +144,8 @@ def make_train_dataset(
     stream_log: StreamLog | None = None,
     hard_negatives: Callable[[], dict[int, np.ndarray]] | None = None,
 ) -> tf.data.Dataset:
-    """Batches of (image (B,C,C,1), packed targets (B,C/4,C/4,6)) streamed from `examples`,
-    and from `stream`'s synthetic studies when given.
+    """Batches of (image (B,C,C,1), packed targets (B,C/r,C/r,6)), r = `params.output_stride`,
+    streamed from `examples`, and from `stream`'s synthetic studies when given.
 
     C is `params.crop_size` when training on crops (each image then yields
     `params.crops_per_image` crops per epoch, see `TrainingTransform`), else the input size.
@@ -165,7 +165,8 @@ def make_train_dataset(
     size = sample_size(params, input_size)
     repeats = params.crops_per_image if size < input_size else 1
     n_stream = stream.per_epoch if stream is not None else 0
-    n_cells = size // STRIDE
+    stride = params.output_stride
+    n_cells = size // stride
     NO_POINTS = np.zeros((0, 2), np.float32)
 
     def streamed(epoch: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
@@ -192,7 +193,7 @@ def make_train_dataset(
             if len(points) and rng.random() < params.hard_negative_fraction:
                 focus = points[int(rng.integers(len(points)))]
             image, boxes = transform(image, boxes, rng, focus)
-            yield image[..., None], pack_targets(encode_targets(boxes, size))
+            yield image[..., None], pack_targets(encode_targets(boxes, size, stride))
 
     dataset = tf.data.Dataset.from_generator(
         generate,

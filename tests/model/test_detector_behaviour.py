@@ -11,8 +11,8 @@ import pytest
 
 from pipeline_steps.core.config import DetectionParams, TrainParams
 from pipeline_steps.core.detector import predict_boxes
-from pipeline_steps.core.errors import DataError
 from pipeline_steps.core.detector_eval import evaluate_detector
+from pipeline_steps.core.errors import DataError
 from pipeline_steps.train import TrainResult, train_detector
 
 pytestmark = pytest.mark.slow

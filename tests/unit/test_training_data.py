@@ -15,10 +15,9 @@ from pipeline_steps.core.config import (
     TrainSyntheticParams,
 )
 from pipeline_steps.core.detector import build_detector
-from pipeline_steps.core.errors import ConfigError
-from pipeline_steps.synthetic.stream import StudyProducer, stream_synth_params
 from pipeline_steps.core.detector_eval import mine_hard_negatives
 from pipeline_steps.core.device_profile import resolve_profile, visible_gpus
+from pipeline_steps.core.errors import ConfigError
 from pipeline_steps.core.train_input import (
     Stream,
     StreamLog,
@@ -27,6 +26,7 @@ from pipeline_steps.core.train_input import (
     samples_per_epoch,
     streamed_per_epoch,
 )
+from pipeline_steps.synthetic.stream import StudyProducer, stream_synth_params
 
 S = 64
 
@@ -47,7 +47,10 @@ def test_interleaved_spreads_the_shorter_sequence_evenly() -> None:
 def test_streamed_count_follows_the_fraction() -> None:
     params = TrainParams(synthetic=TrainSyntheticParams(fraction=0.5))
     assert streamed_per_epoch(params, 100) == 100
-    assert streamed_per_epoch(params.model_copy(update={"synthetic": TrainSyntheticParams()}), 100) == 0
+    assert (
+        streamed_per_epoch(params.model_copy(update={"synthetic": TrainSyntheticParams()}), 100)
+        == 0
+    )
     crops = params.model_copy(update={"crop_size": 32, "crops_per_image": 2})
     assert samples_per_epoch(crops, 10, S) == (10 + 10) * 2
 
@@ -123,7 +126,10 @@ def test_mined_hard_negatives_are_false_positives_only() -> None:
     for centres in found.values():
         assert 1 <= len(centres) <= 3
         inside = (
-            (centres[:, 0] >= 20) & (centres[:, 0] <= 36) & (centres[:, 1] >= 20) & (centres[:, 1] <= 36)
+            (centres[:, 0] >= 20)
+            & (centres[:, 0] <= 36)
+            & (centres[:, 1] >= 20)
+            & (centres[:, 1] <= 36)
         )
         assert not inside.any()
 
@@ -169,3 +175,27 @@ def test_gpu_profile_widens_the_model_and_batches() -> None:
     assert whole.crop_size == 0
     cpu, cpu_profile = resolve_profile(TrainParams(profile="cpu"), 1, 256)
     assert cpu_profile.name == "cpu" and cpu == TrainParams(profile="cpu")
+
+
+def test_stride_two_detector_predicts_and_trains_on_finer_cells() -> None:
+    from pipeline_steps.core.detector import decode_detections, encode_targets, pack_targets
+
+    params = TrainParams(
+        width=4, depth=2, output_stride=2, batch_size=2, augment=False, crop_size=0
+    )
+    model = build_detector(S, params)
+    assert model.predict_on_batch(np.zeros((1, S, S, 1), np.float32)).shape == (
+        1,
+        S // 2,
+        S // 2,
+        5,
+    )
+    # A 5 px box centred off the stride-4 grid decodes back exactly from stride-2 targets.
+    box = np.array([[21.0, 30.0, 26.0, 35.0]], np.float32)
+    packed = pack_targets(encode_targets(box, S, stride=2))
+    outputs = np.concatenate([packed[..., :1], packed[..., 1:5]], axis=-1)[None]
+    (decoded,) = decode_detections(outputs, DetectionParams(score_threshold=0.5), S)
+    np.testing.assert_allclose(decoded[0, :4], box[0], atol=1e-4)
+    examples = [(np.zeros((S, S), np.float32), box)] * 2
+    (_, targets), *_ = make_train_dataset(lambda: iter(examples), 2, S, params)
+    assert targets.shape == (2, S // 2, S // 2, 6)
