@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 PYFUNC_NAME = "model"  # the registered pyfunc, under the run's artifacts
 KERAS_NAME = "keras_model"  # the Keras-native copy, for reuse (fine-tuning, export)
 MANIFEST_ARTIFACT = "lineage/train_manifest.csv"
+STREAM_ARTIFACT = "lineage/training_stream.json"  # the streamed synthetic studies, by identity
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,10 @@ def log_and_register(layout: Layout, registration: Registration, model_path: Pat
         manifest = scratch / Path(MANIFEST_ARTIFACT).name
         manifest.write_bytes(lineage.manifest_csv)
         mlflow.log_artifact(str(manifest), artifact_path=str(Path(MANIFEST_ARTIFACT).parent))
+        if lineage.training_stream:
+            stream = scratch / Path(STREAM_ARTIFACT).name
+            stream.write_bytes(lineage.training_stream)
+            mlflow.log_artifact(str(stream), artifact_path=str(Path(STREAM_ARTIFACT).parent))
         # Dataset lineage: the images (content hash, split) under the DVC md5 as the digest.
         with warnings.catch_warnings():
             # MLflow registers its local-file source twice and warns that the path is ambiguous.

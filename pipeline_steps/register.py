@@ -14,8 +14,10 @@ from pipeline_steps.core.errors import DataError
 from pipeline_steps.core.layout import Layout
 from pipeline_steps.serving.serving import ServingConfig
 
-# synth shapes the data, which data_version already identifies; the rest shapes the model.
+# All of these shape the model: synth too, through the studies streamed into training
+# (train.synthetic); the ingested data is identified by data_version.
 MODEL_SECTIONS = (
+    "synth",
     "ingest",
     "validate",
     "preprocess",
@@ -42,6 +44,9 @@ class Lineage:
     validation_passed: bool  # it succeeded, and for this data version
     pseudonym_key: str  # configured | development (the public key) | unknown (an older report)
     manifest: pd.DataFrame  # (content_hash, split) of every image, sorted: see manifest_table
+    # reports/training_stream.json: the synthetic studies streamed into training, by identity
+    training_stream: bytes = b""
+    training_profile: str = "unknown"  # the device profile training ran with (cpu | gpu)
 
     @property
     def manifest_csv(self) -> bytes:
@@ -118,12 +123,29 @@ def version_tags(
         # "development": trained on pseudonyms under the public key, i.e. synthetic or test data
         "pseudonym_key": lineage.pseudonym_key,
         "train_manifest": lineage.train_manifest,
+        "training_stream": stream_summary(lineage.training_stream),
+        "training_profile": lineage.training_profile,
     }
+    if lineage.training_stream:
+        tags["training_stream_sha256"] = sha256_hex(lineage.training_stream)
     for key in HEADLINE_METRICS:
         value = metrics.get(key)
         if value is not None and value == value:  # not nan
             tags[f"metric.{key}"] = f"{value:.4f}"
     return tags
+
+
+def stream_summary(blob: bytes) -> str:
+    """One line naming the streamed studies: generator, seed, count and the digest of their pixels."""
+    if not blob:
+        return "none"
+    stream = json.loads(blob)
+    if not stream.get("enabled") or not stream.get("n_studies"):
+        return "none"
+    return (
+        f"{stream['generator']} seed={stream['seed']} studies={stream['n_studies']} "
+        f"sha256={str(stream['studies_sha256'])[:16]}"
+    )
 
 
 def build_registration(
@@ -164,7 +186,18 @@ def read_lineage(layout: Layout, data_version: str, data_git_rev: str) -> Lineag
         validation_passed=bool(report.get("success", False)) and validated == data_version,
         pseudonym_key=str(report.get("pseudonym_key") or "unknown"),
         manifest=manifest_table(pd.read_parquet(layout.manifest)),
+        training_stream=(
+            layout.training_stream.read_bytes() if layout.training_stream.exists() else b""
+        ),
+        training_profile=_training_profile(layout),
     )
+
+
+def _training_profile(layout: Layout) -> str:
+    if not layout.train_history.exists():
+        return "unknown"
+    profile = json.loads(layout.train_history.read_text()).get("profile") or {}
+    return str(profile.get("profile", "unknown"))
 
 
 def read_results(layout: Layout) -> tuple[dict[str, float], dict[str, list[float]]]:
