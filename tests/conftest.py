@@ -101,3 +101,17 @@ def development_pseudonym_key() -> Iterator[None]:
         mp.setenv("RADFLOW_PSEUDONYM_DEV_MODE", "1")
         mp.delenv("RADFLOW_PSEUDONYM_KEY", raising=False)
         yield
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run only where TensorFlow sees a GPU; elsewhere they are skipped, saying so."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    from pipeline_steps.core.device_profile import visible_gpus
+
+    if visible_gpus():
+        return
+    skip = pytest.mark.skip(reason="no GPU visible to TensorFlow (gpu-marked test)")
+    for item in gpu_items:
+        item.add_marker(skip)
