@@ -55,6 +55,7 @@ def test_the_version_names_its_streamed_studies_and_training_profile(tmp_path) -
     tags = version_tags(read_lineage(layout, "d.dir", "r"), "abc", "0" * 16, {})
     assert tags["training_stream"] == "radflow-synth/1 seed=7 studies=12 sha256=ffffffffffffffff"
     # The tag pins the artifact: any edit to the logged JSON changes its digest.
-    assert tags["training_stream_sha256"] == hashlib.sha256(
-        layout.training_stream.read_bytes()
-    ).hexdigest()
+    assert (
+        tags["training_stream_sha256"]
+        == hashlib.sha256(layout.training_stream.read_bytes()).hexdigest()
+    )
