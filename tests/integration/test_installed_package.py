@@ -102,6 +102,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | dict
     }
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"
     env["RADFLOW_PSEUDONYM_DEV_MODE"] = "1"
+    # Prefect's temporary server gets 20 s to start by default: too few on a loaded 2-core machine.
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     outside = base / "elsewhere"  # not in any git repository, nowhere near the checkout
     outside.mkdir()
     return {"wheel": wheel, "venv": venv, "site": site, "env": env, "cwd": outside}

@@ -138,6 +138,8 @@ def _checkout(src: Path) -> None:
 def _env(clone: Path) -> dict[str, str]:
     """The clone's own code (PYTHONPATH comes before the editable install) and embedded services."""
     env = dict(os.environ, PYTHONPATH=str(clone), RADFLOW_PSEUDONYM_DEV_MODE="1")
+    # Prefect's temporary server gets 20 s to start by default: too few on a loaded 2-core machine.
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     for name in (
         "MLFLOW_TRACKING_URI",
