@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from flows.registry import stages_at
-from flows.tracking import MANIFEST_ARTIFACT, mlflow_client, public_uri, tracking_uri
+from flows.tracking import (
+    MANIFEST_ARTIFACT,
+    STREAM_ARTIFACT,
+    mlflow_client,
+    public_uri,
+    tracking_uri,
+)
 from flows.versioning import data_version_at, dvc_cache_has
 from pipeline_steps.core.config import Params
 from pipeline_steps.core.deid import DEVELOPMENT
@@ -168,6 +174,8 @@ def trace(layout: Layout, params: Params, prediction_id: str) -> dict[str, Any]:
     for split in manifest.values():
         by_split[split] = by_split.get(split, 0) + 1
     split = membership(record, manifest)
+    stream_blob = _artifact(client, run.info.run_id, STREAM_ARTIFACT)
+    stream = json.loads(stream_blob) if stream_blob else {}
 
     checks = {
         "ledger_chain_intact": chain.ok,
@@ -187,6 +195,10 @@ def trace(layout: Layout, params: Params, prediction_id: str) -> dict[str, Any]:
         "manifest_unaltered": manifest_blob is not None
         and _sha256(manifest_blob) == tags.get("train_manifest"),
     }
+    if tags.get("training_stream_sha256"):  # trained with streamed synthetic studies
+        checks["training_stream_unaltered"] = stream_blob is not None and _sha256(
+            stream_blob
+        ) == tags.get("training_stream_sha256")
     return {
         "prediction": {
             **record,
@@ -242,6 +254,17 @@ def trace(layout: Layout, params: Params, prediction_id: str) -> dict[str, Any]:
             "images": len(manifest),
             "by_split": by_split,
         },
+        "training_stream": {
+            "summary": tags.get("training_stream", "none"),
+            "artifact": STREAM_ARTIFACT if stream_blob else None,
+            "generator": stream.get("generator"),
+            "seed": stream.get("seed"),
+            "studies": stream.get("n_studies", 0),
+            "epochs": len(stream.get("epochs", [])),
+            "synth_params_sha256": stream.get("synth_params_sha256"),
+            "studies_sha256": stream.get("studies_sha256"),
+            "profile": tags.get("training_profile", "unknown"),
+        },
         "image_in_training_data": {
             "member": split is not None,
             "split": split,
@@ -293,6 +316,13 @@ def format_trace(t: dict[str, Any]) -> Iterator[str]:
     )
     splits = ", ".join(f"{k} {n}" for k, n in sorted(tm["by_split"].items()))
     yield f"training    {tm['images']} images ({splits}); manifest sha256 {tm['sha256']}"
+    ts = t.get("training_stream") or {}
+    if ts.get("studies"):
+        yield (
+            f"            + {ts['studies']} streamed synthetic studies over {ts['epochs']} epochs: "
+            f"{ts['generator']} seed {ts['seed']}, params sha256 {str(ts['synth_params_sha256'])[:16]}; "
+            "re-render one with `radflow trace ID --regenerate INDEX`"
+        )
     yield (
         f"this image  {'in the ' + member['split'] + ' split' if member['member'] else 'not in the training data'}"
     )
@@ -301,3 +331,58 @@ def format_trace(t: dict[str, Any]) -> Iterator[str]:
     yield "checks      " + ("all links verified" if not failed else "FAILED: " + ", ".join(failed))
     if unknown:
         yield "            not checkable here: " + ", ".join(unknown)
+
+
+def regenerate_streamed(layout: Layout, prediction_id: str, index: int) -> dict[str, Any]:
+    """Render streamed study `index` of the model behind a prediction again, from the identity its
+    training recorded (generator, synth params, seed, index), and compare its stored pixels with the
+    SHA-256 recorded when it was trained on. `image` holds the rendering (for `--out`)."""
+    import os
+
+    from pipeline_steps.core.config import SynthParams
+    from pipeline_steps.synthetic.stream import GENERATOR_VERSION, render_study
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    entry, _ = find_prediction(layout, prediction_id)
+    model = entry.payload["model"]
+    name, version = str(model["name"]), str(model["version"])
+    client = mlflow_client(tracking_uri(layout))
+    try:
+        run_id = client.get_model_version(name, version).run_id
+    except Exception as exc:
+        raise TrackingError(f"cannot read {name} version {version}: {type(exc).__name__}") from None
+    blob = _artifact(client, run_id, STREAM_ARTIFACT)
+    if blob is None:
+        raise DataError(
+            f"{name} version {version} was trained without streamed synthetic studies "
+            f"(no {STREAM_ARTIFACT} on run {run_id})"
+        )
+    tags = dict(client.get_model_version(name, version).tags or {})
+    if tags.get("training_stream_sha256") != _sha256(blob):
+        raise DataError(f"{STREAM_ARTIFACT} of run {run_id} does not match its version's tag")
+    stream = json.loads(blob)
+    recorded = stream["studies"].get(str(index))
+    if recorded is None:
+        raise DataError(
+            f"study {index} is not among the {stream['n_studies']} studies {name} version "
+            f"{version} trained on (epochs drew index ranges {stream['epochs']})"
+        )
+    if stream["generator"] != GENERATOR_VERSION:
+        raise DataError(
+            f"study {index} was made by {stream['generator']}, this radflow has "
+            f"{GENERATOR_VERSION}: regenerate it with the code version {tags.get('code_version')}"
+        )
+    params = SynthParams.model_validate(stream["synth_params"])
+    image = render_study(params, int(stream["seed"]), index)
+    sha = _sha256(image.stored.tobytes())
+    return {
+        "model": f"{name} version {version}",
+        "index": index,
+        "generator": stream["generator"],
+        "seed": stream["seed"],
+        "recorded_sha256": recorded[0],
+        "regenerated_sha256": sha,
+        "identical": sha == recorded[0],
+        "lesion_diameters_mm": [round(lesion.diameter_mm, 2) for lesion in image.lesions],
+        "image": image,
+    }

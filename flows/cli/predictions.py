@@ -10,6 +10,7 @@ from pathlib import Path
 
 from flows.cli.common import instant, workspace_dir
 from pipeline_steps.core.files import atomic_path
+from pipeline_steps.core.layout import Layout
 
 
 def unit_interval(text: str) -> float:
@@ -108,6 +109,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from flows import audit, workspace
 
     layout, params = workspace.open_workspace(workspace_dir(args))
+    if args.regenerate is not None:
+        return _regenerate(layout, args)
     result = audit.trace(layout, params, args.prediction_id)
     if args.json:
         print(json.dumps(result, default=str))
@@ -115,6 +118,31 @@ def cmd_trace(args: argparse.Namespace) -> int:
         for line in audit.format_trace(result):
             print(line)
     return 1 if any(ok is False for ok in result["checks"].values()) else 0
+
+
+def _regenerate(layout: Layout, args: argparse.Namespace) -> int:
+    from flows import audit
+    from pipeline_steps.core.files import write_bytes_atomic
+    from pipeline_steps.synthetic.dicom import encode_dicom, streamed_dataset
+
+    found = audit.regenerate_streamed(layout, args.prediction_id, args.regenerate)
+    image = found.pop("image")
+    if args.out:
+        dataset = streamed_dataset(image, found["seed"], found["index"])
+        write_bytes_atomic(Path(args.out), encode_dicom(dataset))
+        found["written_to"] = args.out
+    if args.json:
+        print(json.dumps(found))
+    else:
+        verdict = "identical" if found["identical"] else "DIFFERENT"
+        print(
+            f"streamed study {found['index']} of {found['model']} ({found['generator']}, seed "
+            f"{found['seed']}): pixels {verdict} (sha256 {found['regenerated_sha256']}; recorded "
+            f"{found['recorded_sha256']}); lesions {found['lesion_diameters_mm'] or 'none'} mm"
+        )
+        if args.out:
+            print(f"written to {args.out}")
+    return 0 if found["identical"] else 1
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -181,4 +209,16 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     p.add_argument("prediction_id", help="a record's prediction_id (a ULID)")
     p.add_argument("--json", action="store_true", help="one machine-readable object")
+    p.add_argument(
+        "--regenerate",
+        type=int,
+        metavar="INDEX",
+        help="re-render streamed synthetic study INDEX of the model's training and check its "
+        "pixels against the recorded SHA-256 (exit 1 when they differ)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="FILE.dcm",
+        help="with --regenerate: also write the re-rendered study as a DICOM file",
+    )
     p.set_defaults(func=cmd_trace)

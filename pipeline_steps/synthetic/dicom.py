@@ -146,6 +146,27 @@ def pixel_dataset(image: SynthImage) -> Dataset:
     return ds
 
 
+def streamed_dataset(image: SynthImage, seed: int, index: int) -> Dataset:
+    """A streamed training study as a DICOM file a viewer opens: the pixel dataset plus its SOP
+    class and a UID named after (seed, index). No patient: a streamed study never had one."""
+    acq = image.acquisition
+    ds = pixel_dataset(image)
+    sop_class = (
+        DigitalXRayImageStorageForPresentation
+        if acq.modality == "DX"
+        else ComputedRadiographyImageStorage
+    )
+    uid = UID(name_uid(seed, "streamed-study", index))
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, uid
+    ds.Modality = acq.modality
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = acq.view
+    ds.SeriesDescription = f"radflow streamed training study {index} (seed {seed})"
+    return ds
+
+
 def encode_dicom(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
