@@ -281,11 +281,14 @@ def run(
     _write_parquet_atomic(
         pd.DataFrame(_prediction_rows(image_ids, deep), columns=columns), layout.predictions
     )
-    if baseline is not None:
-        _write_parquet_atomic(
-            pd.DataFrame(_prediction_rows(image_ids, baseline), columns=columns),
-            layout.baseline_predictions,
-        )
+    # Without the baseline its table is written empty: it is an out of this stage either way, and
+    # a stale one from an earlier run must not pass for this run's.
+    _write_parquet_atomic(
+        pd.DataFrame(
+            _prediction_rows(image_ids, baseline) if baseline is not None else [], columns=columns
+        ),
+        layout.baseline_predictions,
+    )
     layout.metrics.write_text(json.dumps(_finite_or_none(metrics), indent=2, sort_keys=True))
     layout.test_details.write_text(json.dumps(_finite_or_none(details), indent=2))
 
