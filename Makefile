@@ -51,6 +51,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy pipeline_steps
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/unit/test_docs.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
