@@ -12,6 +12,7 @@ from flows.tracking import (
     MANIFEST_ARTIFACT,
     mlflow_client,
     public_uri,
+    short_retries,
     tracking_uri,
 )
 from pipeline_steps.core.drift import TrainingReference
@@ -38,22 +39,23 @@ def production_training(layout: Layout, model_name: str) -> tuple[TrainingRefere
     if uri == f"sqlite:///{layout.mlflow_db}" and not layout.mlflow_db.exists():
         return None, f"no model is registered yet ({layout.mlflow_db.name} does not exist)"
     try:
-        client = mlflow_client(uri)
-        try:
-            registered = client.get_registered_model(model_name)
-        except Exception as exc:  # MlflowException: only flows.tracking imports mlflow
-            if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
-                return None, f"no model named {model_name} is registered at {shown}"
-            raise
-        aliases = {str(k): str(v) for k, v in dict(registered.aliases or {}).items()}
-        if CHAMPION_ALIAS not in aliases:
-            return None, f"no version of {model_name} holds the alias {CHAMPION_ALIAS!r}"
-        mv = client.get_model_version(model_name, aliases[CHAMPION_ALIAS])
-        tags = dict(mv.tags or {})
-        with tempfile.TemporaryDirectory(prefix="radflow-reference-") as tmp:
-            blob = Path(
-                client.download_artifacts(str(mv.run_id), MANIFEST_ARTIFACT, tmp)
-            ).read_bytes()
+        with short_retries():  # MLflow's default retries take minutes against a dead server
+            client = mlflow_client(uri)
+            try:
+                registered = client.get_registered_model(model_name)
+            except Exception as exc:  # MlflowException: only flows.tracking imports mlflow
+                if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+                    return None, f"no model named {model_name} is registered at {shown}"
+                raise
+            aliases = {str(k): str(v) for k, v in dict(registered.aliases or {}).items()}
+            if CHAMPION_ALIAS not in aliases:
+                return None, f"no version of {model_name} holds the alias {CHAMPION_ALIAS!r}"
+            mv = client.get_model_version(model_name, aliases[CHAMPION_ALIAS])
+            tags = dict(mv.tags or {})
+            with tempfile.TemporaryDirectory(prefix="radflow-reference-") as tmp:
+                blob = Path(
+                    client.download_artifacts(str(mv.run_id), MANIFEST_ARTIFACT, tmp)
+                ).read_bytes()
     except Exception as exc:
         first = str(exc).splitlines()[0][:300] if str(exc) else ""
         return None, (

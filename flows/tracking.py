@@ -276,7 +276,7 @@ class Champion:
 
 
 @contextmanager
-def _short_retries(attempts: int = 2, timeout_s: int = 20) -> Iterator[None]:
+def short_retries(attempts: int = 2, timeout_s: int = 20) -> Iterator[None]:
     """Bound MLflow's HTTP retries (by default ~7 with exponential backoff, minutes of waiting) for a
     lookup whose failure is not fatal; values the user set are kept."""
     names = {
@@ -305,7 +305,7 @@ def load_champion(layout: Layout, model_name: str) -> tuple[Champion | None, str
         import mlflow
         from mlflow.exceptions import MlflowException
 
-        with _short_retries():
+        with short_retries():
             client = mlflow_client(uri)
             try:
                 registered = client.get_registered_model(model_name)
