@@ -72,9 +72,17 @@ def mlflow_client(uri: str) -> MlflowClient:
 def load_pyfunc(layout: Layout, model_name: str, version: str) -> Any:
     """The registered pyfunc of `version`, as MLflow loads it. Any failure is a TrackingError that
     names the version and the store (credentials stripped) and MLflow's first line of explanation."""
+    import sys
+
     import mlflow
 
+    import pipeline_steps.serving.pyfunc  # noqa: F401  (unpickling then uses this process's radflow)
+
     uri = tracking_uri(layout)
+    # MLflow puts the model's code_paths copy first on sys.path and leaves it there. In this process
+    # radflow is installed, so that copy (only the serving modules) must not shadow it: a module
+    # imported later, or by a spawned child that inherits sys.path, would not be found.
+    path = list(sys.path)
     try:
         mlflow.set_tracking_uri(uri)
         return mlflow.pyfunc.load_model(f"models:/{model_name}/{version}")
@@ -83,6 +91,8 @@ def load_pyfunc(layout: Layout, model_name: str, version: str) -> Any:
         raise TrackingError(
             f"cannot load {model_name} version {version} from {public_uri(uri)}: {why}"
         ) from None
+    finally:
+        sys.path[:] = path
 
 
 def _experiment_id(client: MlflowClient, name: str, layout: Layout) -> str:
