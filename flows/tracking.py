@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -72,8 +73,6 @@ def mlflow_client(uri: str) -> MlflowClient:
 def load_pyfunc(layout: Layout, model_name: str, version: str) -> Any:
     """The registered pyfunc of `version`, as MLflow loads it. Any failure is a TrackingError that
     names the version and the store (credentials stripped) and MLflow's first line of explanation."""
-    import sys
-
     import mlflow
 
     import pipeline_steps.serving.pyfunc  # noqa: F401  (unpickling then uses this process's radflow)
@@ -262,7 +261,13 @@ def log_and_register(layout: Layout, registration: Registration, model_path: Pat
                 digest=lineage.data_version,
             )
         mlflow.log_input(dataset, context="training", tags={"data_git_rev": lineage.data_git_rev})
-        version = _log_models(registration, model_path, scratch)
+        # Logging validates the input example by loading the pyfunc, which, like load_pyfunc,
+        # puts its code_paths copy on sys.path: keep this process's path as it was.
+        path = list(sys.path)
+        try:
+            version = _log_models(registration, model_path, scratch)
+        finally:
+            sys.path[:] = path
         for key, tag in registration.tags.items():
             client.set_model_version_tag(registration.model_name, version, key, tag)
         result = Registered(run.info.run_id, registration.model_name, version)
