@@ -403,14 +403,152 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
         ) from None
 
 
+# Limits on params.yaml, checked while it is read and before anything is built from it. radflow's own
+# file is about 15 KB and nests 4 levels deep; these leave room for comments and hand-made sections
+# while refusing a file that would exhaust memory or Python's recursion (a RecursionError traceback
+# was what a deeply nested file gave), or aliases that expand a few lines into millions of values.
+MAX_PARAMS_BYTES = 1 << 20
+MAX_PARAMS_DEPTH = 32
+MAX_PARAMS_NODES = 100_000
+
+
+class _TooDeep(Exception):
+    def __init__(self, line: int) -> None:
+        self.line = line
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that stops composing past MAX_PARAMS_DEPTH levels of nesting (its
+    composer recurses once per level, so an unbounded file ends in a RecursionError)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_PARAMS_DEPTH:
+                raise _TooDeep(self.peek_event().start_mark.line + 1)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _check_shape(root: yaml.Node, source: str) -> None:
+    """The composed document, aliases expanded, is at most MAX_PARAMS_DEPTH deep and
+    MAX_PARAMS_NODES large; an alias inside its own anchor (a cycle) and a key given twice in one
+    mapping (the later one silently wins in PyYAML) are refused."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    # Iterative post-order walk: children first, each node once (aliases share their node).
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    open_nodes: set[int] = set()
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if done:
+            open_nodes.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            depth[key] = 1 + max((depth[id(c)] for c in children), default=0)
+            line = node.start_mark.line + 1
+            if depth[key] > MAX_PARAMS_DEPTH:
+                raise ConfigError(
+                    f"{source}: line {line}: with its aliases expanded, the YAML nests deeper than "
+                    f"{MAX_PARAMS_DEPTH} levels (radflow's sections nest at most 4); flatten it"
+                )
+            if size[key] > MAX_PARAMS_NODES:
+                raise ConfigError(
+                    f"{source}: line {line}: with its aliases expanded, the YAML holds more than "
+                    f"{MAX_PARAMS_NODES} values; params.yaml has a few hundred. Remove the "
+                    "aliases (*name) that repeat large blocks"
+                )
+            continue
+        if key in size:
+            continue
+        if key in open_nodes:
+            raise ConfigError(
+                f"{source}: line {node.start_mark.line + 1}: an alias refers to the block that "
+                "contains it (a cycle); params.yaml cannot hold recursive values"
+            )
+        open_nodes.add(key)
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[str, str], int] = {}
+            for k, _ in node.value:
+                if not isinstance(k, yaml.ScalarNode):
+                    continue
+                if (k.tag, k.value) in seen:
+                    raise ConfigError(
+                        f"{source}: line {k.start_mark.line + 1}: key {k.value[:80]!r} is given "
+                        f"twice in one mapping (first on line {seen[k.tag, k.value]}); keep one"
+                    )
+                seen[k.tag, k.value] = k.start_mark.line + 1
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in size)
+
+
+def _read_params_text(path: Path) -> str:
+    """The file's text, at most MAX_PARAMS_BYTES, as UTF-8 (a UTF-8 byte-order mark is allowed)."""
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_PARAMS_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(
+            f"{path}: cannot be read ({exc.strerror or type(exc).__name__})"
+        ) from None
+    if len(data) > MAX_PARAMS_BYTES:
+        raise ConfigError(
+            f"{path}: larger than the {MAX_PARAMS_BYTES // 1024} KiB limit of a parameters file "
+            "(radflow's own is about 15 KiB); is it the right file?"
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file "
+            "as UTF-8"
+        ) from None
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_shape(node, source)
+        return loader.construct_document(node)
+    except _TooDeep as exc:
+        raise ConfigError(
+            f"{source}: line {exc.line}: the YAML nests deeper than {MAX_PARAMS_DEPTH} levels "
+            "(radflow's sections nest at most 4); check its brackets and indentation"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML ({exc})") from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        # Well-formed YAML whose value cannot be built, e.g. the date 2026-02-30.
+        raise ConfigError(f"{source}: not valid YAML (a value cannot be read: {exc})") from None
+    finally:
+        loader.dispose()
+
+
 def load_params(path: Path) -> Params:
-    """Read `params.yaml` once. A missing file is an error; a missing section takes its defaults."""
+    """Read `params.yaml` once. A missing file is an error; a missing section takes its defaults.
+
+    The file is read within MAX_PARAMS_BYTES, MAX_PARAMS_DEPTH and MAX_PARAMS_NODES; anything it
+    can hold ends in Params or a ConfigError naming the file (and the line where there is one)."""
     if not path.is_file():
         raise ConfigError(f"{path}: not found. Run `radflow init` or pass --workspace.")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    raw = _parse_yaml(_read_params_text(path), str(path)) or {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of stage sections")
+        raise ConfigError(
+            f"{path}: top level must be a mapping of stage sections (`train:`, `test:`, ...), "
+            f"not a {type(raw).__name__}"
+        )
     return parse_params(raw, source=str(path))

@@ -87,3 +87,100 @@ def test_the_gate_policy_does_not_change_the_model_params_hash():
     stricter = parse_params({"gate": {"min_delta": 0.2}})
     assert params_hash(base) == params_hash(stricter)
     assert params_hash(base) != params_hash(parse_params({"train": {"seed": 8}}))
+
+
+# ---- params.yaml read within limits: every input ends in Params or a ConfigError naming the file
+
+
+def _load(tmp_path, content: str | bytes):
+    path = tmp_path / "params.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return load_params(path)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "train: " + "[" * 5000 + "]" * 5000 + "\n",  # was a RecursionError traceback
+        "train: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n",
+        "".join(f"{'  ' * i}k{i}:\n" for i in range(200)) + "  " * 200 + "x: 1\n",
+    ],
+    ids=["flow-sequences", "flow-mappings", "block-indentation"],
+)
+def test_deeply_nested_yaml_is_a_config_error_naming_the_file_and_the_depth_limit(
+    tmp_path, content
+):
+    from pipeline_steps.core.config import MAX_PARAMS_DEPTH
+
+    with pytest.raises(
+        ConfigError, match=rf"params\.yaml: line \d+: .*deeper than {MAX_PARAMS_DEPTH}"
+    ):
+        _load(tmp_path, content)
+
+
+def test_aliases_that_expand_exponentially_are_refused(tmp_path):
+    # "billion laughs": 9 levels of 10 aliases each would be 10^9 values once expanded
+    lines = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    with pytest.raises(ConfigError, match=r"more than 100000 values"):
+        _load(tmp_path, "\n".join(lines) + "\n")
+
+
+def test_aliases_that_nest_past_the_depth_limit_are_refused(tmp_path):
+    # each line is shallow, but every alias adds a level to what it expands to
+    lines = ["a0: &a0 [1]"] + [f"a{i}: &a{i} [*a{i - 1}]" for i in range(1, 40)]
+    with pytest.raises(ConfigError, match=r"aliases expanded.*deeper than 32"):
+        _load(tmp_path, "\n".join(lines) + "\n")
+
+
+def test_an_alias_inside_its_own_anchor_is_a_cycle(tmp_path):
+    with pytest.raises(ConfigError, match=r"line 2: .*cycle"):
+        _load(tmp_path, "train:\n  hessian_sigmas: &a [1.0, *a]\n")
+
+
+def test_a_file_over_the_size_limit_is_refused_before_parsing(tmp_path):
+    from pipeline_steps.core.config import MAX_PARAMS_BYTES
+
+    with pytest.raises(ConfigError, match=r"params\.yaml: larger than the 1024 KiB limit"):
+        _load(tmp_path, "# padding\n" * (MAX_PARAMS_BYTES // 10 + 1))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"train:\n  seed: 7\n  # caf\xe9\n", r"line 3: not UTF-8 text \(byte 0xe9\)"),
+        (b"\xff\xfet\x00r\x00a\x00i\x00n\x00", r"line 1: not UTF-8 text \(byte 0xff\)"),
+        ("- train\n- test\n", r"top level must be a mapping .* not a list"),
+        ("just words\n", r"top level must be a mapping .* not a str"),
+        ("train:\n  seed: 2026-02-30\n", r"not valid YAML \(a value cannot be read"),
+        (
+            "train: {epochs: 1}\ntest: {}\ntrain: {epochs: 2}\n",
+            r"line 3: key 'train' is given twice",
+        ),
+        ("train: !!python/object:os.system {}\n", r"not valid YAML"),
+        ("---\ntrain: {}\n---\ntest: {}\n", r"not valid YAML"),
+        ("train:\n\tseed: 1\n", r"not valid YAML"),
+    ],
+    ids=[
+        "latin1",
+        "utf16",
+        "list",
+        "scalar",
+        "bad-date",
+        "duplicate-key",
+        "python-tag",
+        "two-docs",
+        "tab",
+    ],
+)
+def test_garbage_yaml_is_a_config_error_naming_the_file(tmp_path, content, message):
+    with pytest.raises(ConfigError, match=r"params\.yaml: .*" + message):
+        _load(tmp_path, content)
+
+
+def test_a_utf8_byte_order_mark_and_an_empty_file_are_fine(tmp_path):
+    assert _load(tmp_path, "\ufefftrain:\n  epochs: 3\n").train.epochs == 3
+    assert _load(tmp_path, "") == Params()
