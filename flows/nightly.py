@@ -1,7 +1,8 @@
 """The nightly retraining flow: sync the landing location, version and push new studies, decide, retrain
 and gate when something changed, and always leave a run summary.
 
-Two overlapping runs never sync, train or promote at once: a run holds the workspace's lock file and,
+Two overlapping runs never sync, train or promote at once: a run holds the workspace's run lock (the
+one `radflow run` holds too, flows/retraining.py) and,
 with a Prefect server, the global concurrency limit `nightly.concurrency_limit` (which also covers
 workers on other machines sharing the registry). A run that cannot get them within
 `nightly.lock_wait_s` is skipped, and says so in its summary.
@@ -9,7 +10,6 @@ workers on other machines sharing the registry). A run that cannot get them with
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -26,6 +26,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import decision, landing, retraining, versioning, workspace
+from pipeline_steps.core import locks
 from pipeline_steps.core.config import NightlyParams, Params
 from pipeline_steps.core.errors import RadflowError, WorkspaceError
 from pipeline_steps.core.files import write_text_atomic
@@ -58,38 +59,19 @@ def on_server() -> bool:
 
 @contextmanager
 def workspace_lock(layout: Layout, wait_s: float) -> Iterator[None]:
-    """flock on `.radflow/nightly.lock`: released by the kernel if the holder dies, so a killed run
-    never leaves a stale lock behind."""
-    path = layout.nightly_lock
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = path.open("a+")
-    deadline = time.monotonic() + wait_s
+    """The workspace's run lock, waited for at most `wait_s` (nightly.lock_wait_s). The OS releases it
+    when its holder dies, so a killed run never leaves a stale lock behind."""
+    stack = ExitStack()
     try:
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    fh.seek(0)
-                    holder = fh.read().strip() or "unknown holder"
-                    raise RunInProgress(
-                        f"another nightly run holds {path} ({holder}); waited {wait_s:g} s "
-                        "(nightly.lock_wait_s)"
-                    ) from None
-                time.sleep(min(1.0, max(deadline - time.monotonic(), 0.05)))
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} since {_now()}\n")
-        fh.flush()
-        try:
-            yield
-        finally:
-            fh.seek(0)
-            fh.truncate()
-            fcntl.flock(fh, fcntl.LOCK_UN)
-    finally:
-        fh.close()
+        stack.enter_context(retraining.exclusive_run(layout, "radflow nightly", wait_s=wait_s))
+    except locks.LockHeld as exc:
+        raise RunInProgress(
+            f"another run holds the workspace's run lock {exc.path} "
+            f"({exc.holder.describe() if exc.holder else 'holder unknown'}); waited {wait_s:g} s "
+            "(nightly.lock_wait_s)"
+        ) from None
+    with stack:
+        yield
 
 
 def ensure_concurrency_limit(name: str, limit: int = 1) -> None:

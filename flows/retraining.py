@@ -5,18 +5,42 @@ successful run. The one rule behind `radflow run` and the nightly flow; each say
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flows import decision, gate, versioning
 from flows.decision import Decision, Fingerprint, LastRun
+from pipeline_steps.core import locks
 from pipeline_steps.core.config import Params
 from pipeline_steps.core.deid import pseudonym_key
 from pipeline_steps.core.layout import Layout
 
 Check = Callable[[Layout, Params, bool], Decision]
 Record = Callable[[Layout, Fingerprint, dict[str, Any]], LastRun]
+
+
+def run_lock(layout: Layout) -> Path:
+    """The workspace's run lock: one `radflow run` or nightly run at a time."""
+    # TODO(layout): a Layout property (core/layout.py) once its owner adds `run_lock`.
+    return layout.state / "run.lock"
+
+
+@contextmanager
+def exclusive_run(
+    layout: Layout,
+    what: str,
+    *,
+    wait_s: float | None = None,
+    on_wait: locks.Waiting | None = None,
+) -> Iterator[locks.Holder]:
+    """Hold the workspace's run lock for a run (`radflow run`, the nightly flow, an ingest): two runs
+    in one workspace would race on its files, its Great Expectations store and its registry. Waits
+    (`wait_s` None: as long as it takes) and raises locks.LockHeld naming the holder."""
+    with locks.exclusive(run_lock(layout), what, wait_s=wait_s, on_wait=on_wait) as me:
+        yield me
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ tree. Either way `data_git_rev` names a commit whose `data/raw.dvc` holds the da
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import subprocess
@@ -22,6 +21,7 @@ from typing import Literal, overload
 
 import yaml
 
+from pipeline_steps.core import locks
 from pipeline_steps.core.errors import WorkspaceError
 from pipeline_steps.core.layout import Layout
 
@@ -123,23 +123,17 @@ def code_version() -> str:
 
 
 @contextmanager
-def _workspace_lock(root: Path) -> Iterator[None]:
+def _workspace_lock(root: Path, command: str) -> Iterator[None]:
     """DVC fails when two commands share a workspace, so radflow queues its own calls instead."""
-    lock = Layout(root).dvc_lock
-    lock.parent.mkdir(exist_ok=True)
-    with lock.open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with locks.exclusive(Layout(root).dvc_lock, f"dvc {command}"):
+        yield
 
 
 def dvc(root: Path, *args: str) -> str:
     env = dict(os.environ, DVC_NO_ANALYTICS="1")
     # Stage commands call `radflow step ...`; make sure the running environment's scripts are found.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    with _workspace_lock(root):
+    with _workspace_lock(root, args[0] if args else ""):
         done = subprocess.run(
             [sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True, env=env
         )

@@ -7,11 +7,15 @@ import json
 import logging
 import os
 import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flows.cli.common import progress_bar, workspace_dir
 from flows.stages import STAGES
+from pipeline_steps.core import locks
 
 if TYPE_CHECKING:
     from pipeline_steps.core.config import Params
@@ -96,18 +100,55 @@ def _ingest(
     }
 
 
+def _say_waiting(holder: locks.Holder | None, waited_s: float) -> None:
+    who = holder.describe() if holder else "another process (it has not said who)"
+    print(
+        f"radflow: waiting for the workspace's run lock, held by {who}; waited {waited_s:.0f} s "
+        "(Ctrl-C stops waiting)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+@contextmanager
+def _run_lock(layout: Layout, what: str, no_wait: bool) -> Iterator[None]:
+    """One run per workspace: wait for the run lock (saying who holds it), or with --no-wait refuse."""
+    from flows import retraining
+
+    stack = ExitStack()
+    try:
+        stack.enter_context(
+            retraining.exclusive_run(
+                layout, what, wait_s=0 if no_wait else None, on_wait=_say_waiting
+            )
+        )
+    except locks.LockHeld as exc:
+        raise locks.LockHeld(
+            f"another run is working in {layout.root}: "
+            f"{exc.holder.describe() if exc.holder else 'a process that has not said who'} holds "
+            f"{exc.path}. Nothing was done (--no-wait); run again once it has finished, or "
+            "without --no-wait to wait for it.",
+            exc.path,
+            exc.holder,
+        ) from None
+    with stack:
+        yield
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from flows import workspace
 
     layout, params = workspace.open_workspace(workspace_dir(args))
-    result = _ingest(
-        layout,
-        params,
-        Path(args.dicom_dir),
-        Path(args.labels) if args.labels else None,
-        args.replace,
-        label_format=args.label_format,
-    )
+    # A run reads data/raw while it trains: an ingest waits for it (and vice versa).
+    with _run_lock(layout, "radflow ingest", args.no_wait):
+        result = _ingest(
+            layout,
+            params,
+            Path(args.dicom_dir),
+            Path(args.labels) if args.labels else None,
+            args.replace,
+            label_format=args.label_format,
+        )
     if args.json:
         print(json.dumps(result))
         return 0
@@ -168,14 +209,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # A bad params.yaml fails here, before any work starts.
     layout, params = workspace.open_workspace(workspace_dir(args))
-    _ensure_data(layout, params)
-    # Like `dvc repro`: nothing changed since the last successful run -> nothing to do.
-    outcome = retraining.retrain_if_stale(
-        layout,
-        params,
-        force=args.force,
-        on_stale=lambda verdict: log.info("training: %s", verdict.reason),
-    )
+    with _run_lock(layout, "radflow run", args.no_wait):
+        _ensure_data(layout, params)
+        # Like `dvc repro`: nothing changed since the last successful run -> nothing to do.
+        outcome = retraining.retrain_if_stale(
+            layout,
+            params,
+            force=args.force,
+            on_stale=lambda verdict: log.info("training: %s", verdict.reason),
+        )
     if not outcome.trained:
         done = outcome.decision.run_summary()
         print(
@@ -285,6 +327,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--replace", action="store_true", help="start the dataset over instead of appending"
     )
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="when another run holds this workspace, stop at once instead of waiting for it",
+    )
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser(
@@ -295,6 +342,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--force",
         action="store_true",
         help="train even when data, params and code are unchanged since the last run",
+    )
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="when another run holds this workspace, stop at once instead of waiting for it",
     )
     p.set_defaults(func=cmd_run)
 

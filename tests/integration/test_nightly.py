@@ -184,9 +184,9 @@ def test_an_overlapping_run_is_skipped_clearly(night, tmp_path):
             textwrap.dedent(
                 f"""
                 import sys, time
-                from flows import nightly, workspace
+                from flows import retraining, workspace
                 layout = workspace.resolve(__import__("pathlib").Path({str(layout.root)!r}))
-                with nightly.workspace_lock(layout, 0):
+                with retraining.exclusive_run(layout, "radflow run"):
                     print("held", flush=True)
                     time.sleep(600)
                 """
@@ -204,7 +204,11 @@ def test_an_overlapping_run_is_skipped_clearly(night, tmp_path):
         holder.kill()
         holder.wait()
     assert skipped["status"] == "skipped"
-    assert "another nightly run holds" in skipped["reason"] and "nightly.lock" in skipped["reason"]
+    # `radflow run` and the nightly share the workspace's one run lock, and the reason names who holds it.
+    assert "another run holds the workspace's run lock" in skipped["reason"]
+    assert (
+        "run.lock" in skipped["reason"] and f"radflow run (pid {holder.pid} on" in skipped["reason"]
+    )
     assert skipped["landing"] == {} and skipped["data_version"] is None  # it did not even sync
 
     # With a Prefect server (the harness is one), the global concurrency limit guards too: across
