@@ -67,13 +67,87 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env_number(value: float | None, variable: str, default: float) -> float:
+    """An option's value, else the environment variable's, else the default."""
+    import os
+
+    from pipeline_steps.core.errors import ConfigError
+
+    if value is not None:
+        return value
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    try:
+        number = float(text)
+    except ValueError:
+        number = float("nan")
+    if not number > 0 or number == float("inf"):
+        raise ConfigError(f"{variable}={text!r} is not a positive number")
+    return number
+
+
 def cmd_serve_api(args: argparse.Namespace) -> int:
     from flows import api, workspace
+    from flows.api_auth import resolve_security
 
+    # Authentication and limits are settled before the workspace and the model are opened: a server
+    # without tokens fails at once, naming what to set.
+    security = resolve_security(
+        args.host,
+        tokens_file=args.tokens_file,
+        insecure_no_auth=args.insecure_no_auth,
+        docs=args.docs,
+    )
+    max_body_mb = _env_number(args.max_body_mb, "RADFLOW_API_MAX_BODY_MB", 256)
+    limits = api.ApiLimits(
+        max_body_bytes=int(max_body_mb * 1024 * 1024),
+        request_timeout_s=_env_number(args.request_timeout, "RADFLOW_API_REQUEST_TIMEOUT_S", 30),
+        max_batch=args.batch_size,
+        batch_wait_s=args.batch_wait_ms / 1000,
+    )
     layout, params = workspace.open_workspace(workspace_dir(args))
     api.serve(
-        layout, params, host=args.host, port=args.port, stage=args.stage, poll_s=args.poll_seconds
+        layout,
+        params,
+        host=args.host,
+        port=args.port,
+        stage=args.stage,
+        poll_s=args.poll_seconds,
+        security=security,
+        limits=limits,
     )
+    return 0
+
+
+def cmd_api_token(args: argparse.Namespace) -> int:
+    import os
+
+    from flows import api_auth
+    from pipeline_steps.core.errors import ConfigError
+
+    name = args.file or os.environ.get(api_auth.TOKENS_FILE_ENV, "").strip()
+    if not name:
+        raise ConfigError(f"name the token file: --file FILE, or set {api_auth.TOKENS_FILE_ENV}")
+    path = Path(name)
+    if args.action == "add":
+        if not args.name:
+            raise ConfigError("`radflow api-token add` needs the new token's NAME")
+        token = api_auth.add_token(path, args.name)
+        print(
+            f"token {args.name!r} added to {path} (only its salted hash is stored); it is shown "
+            "this once, keep it in the client's secret store:",
+            file=sys.stderr,
+        )
+        print(token)
+    elif args.action == "revoke":
+        if not args.name:
+            raise ConfigError("`radflow api-token revoke` needs the NAME of the token to revoke")
+        api_auth.revoke_token(path, args.name)
+        print(f"token {args.name!r} revoked in {path}; restart serve-api to apply it")
+    else:
+        for entry in api_auth.read_token_file(path):
+            print(entry.name)
     return 0
 
 
@@ -189,7 +263,60 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         default=10.0,
         help="how often to check whether the stage's alias moved (0: never)",
     )
+    p.add_argument(
+        "--tokens-file",
+        metavar="FILE",
+        help="accepted API tokens, as salted hashes (`radflow api-token add`) "
+        "(default: $RADFLOW_API_TOKENS_FILE; $RADFLOW_API_TOKENS may hold more entries)",
+    )
+    p.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="DEVELOPMENT ONLY: serve without authentication, on a loopback --host only",
+    )
+    p.add_argument(
+        "--docs",
+        action="store_true",
+        help="serve /docs, /redoc and /openapi.json, behind the same token "
+        "(default: off, or on with RADFLOW_API_DOCS=1)",
+    )
+    p.add_argument(
+        "--max-body-mb",
+        type=float,
+        metavar="MB",
+        help="refuse request bodies larger than this, before reading them "
+        "(default: $RADFLOW_API_MAX_BODY_MB, else 256)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        metavar="S",
+        help="answer 408/504 when a request's upload or prediction takes longer "
+        "(default: $RADFLOW_API_REQUEST_TIMEOUT_S, else 30)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="most images in one forward pass when requests wait together (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=2.0,
+        help="how long a request waits for others to share its forward pass (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_serve_api)
+
+    p = sub.add_parser(
+        "api-token", help="add, revoke or list serve-api's API tokens (stored as salted hashes)"
+    )
+    p.add_argument("action", choices=["add", "revoke", "list"], help="what to do")
+    p.add_argument("name", nargs="?", help="the token's name (add, revoke)")
+    p.add_argument(
+        "--file", metavar="FILE", help="the token file (default: $RADFLOW_API_TOKENS_FILE)"
+    )
+    p.set_defaults(func=cmd_api_token)
 
     p = sub.add_parser("audit", help="verify or export the audit ledger")
     p.add_argument(

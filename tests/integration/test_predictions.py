@@ -253,7 +253,9 @@ def test_predict_and_the_api_refuse_to_start_without_a_pseudonym_key(
     done = radflow(ws, "predict", "--input", str(workspace["inputs"]), "--out", str(out), env=env)
     assert done.returncode == 1 and "RADFLOW_PSEUDONYM_KEY is not set" in done.stderr
     assert not out.exists() and len(_ledger_rows(ws)) == rows
-    api = radflow(ws, "serve-api", "--port", str(free_port()), env=env, timeout=120)
+    api = radflow(
+        ws, "serve-api", "--port", str(free_port()), "--insecure-no-auth", env=env, timeout=120
+    )
     assert api.returncode == 1 and "secrets.token_hex(32)" in api.stderr
 
 
@@ -314,14 +316,25 @@ def test_audit_export_writes_a_window_an_auditor_can_recheck(workspace, predicte
 
 
 @pytest.fixture(scope="module")
-def api(workspace):
+def api_token(workspace, tmp_path_factory):
+    """A token made by `radflow api-token add`: printed once, only its salted hash on disk."""
+    tokens = tmp_path_factory.mktemp("tokens") / "api-tokens"
+    made = radflow(workspace["ws"], "api-token", "add", "tests", "--file", str(tokens))
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    assert token and token not in tokens.read_text()
+    return tokens, token
+
+
+@pytest.fixture(scope="module")
+def api(workspace, api_token):
     ws = workspace["ws"]
     port = free_port()
     log = (ws / "serve-api.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "--workspace", str(ws), "serve-api"]
         + ["--port", str(port), "--poll-seconds", "1"],
-        env=_embedded_env(),
+        env=dict(_embedded_env(), RADFLOW_API_TOKENS_FILE=str(api_token[0])),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -333,14 +346,35 @@ def api(workspace):
     finally:
         stop(proc)
         log.close()
+    assert api_token[1] not in (ws / "serve-api.log").read_text()  # no token in the server's log
 
 
-def test_the_api_answers_with_a_ledgered_record(workspace, api):
+@pytest.fixture(scope="module")
+def auth(api_token):
+    return {"authorization": f"Bearer {api_token[1]}"}
+
+
+def test_the_api_refuses_to_start_without_tokens(workspace, tmp_path):
+    env = _embedded_env()
+    env.pop("RADFLOW_API_TOKENS_FILE", None)
+    env.pop("RADFLOW_API_TOKENS", None)
+    port = str(free_port())
+    done = radflow(workspace["ws"], "serve-api", "--port", port, env=env, timeout=120)
+    assert done.returncode == 1 and "serve-api has no API tokens" in done.stderr
+    assert "radflow api-token add NAME --file FILE" in done.stderr
+    # the development flag serves loopback only
+    wide = radflow(workspace["ws"], "serve-api", "--host", "0.0.0.0", "--insecure-no-auth", env=env)
+    assert wide.returncode == 1 and "is not a loopback address" in wide.stderr
+
+
+def test_the_api_answers_with_a_ledgered_record(workspace, api, auth):
     ws, inputs = workspace["ws"], workspace["inputs"]
-    health = httpx.get(f"{api}/healthz").json()
+    health = httpx.get(f"{api}/healthz", headers=auth).json()
     assert health["model"]["version"] == "1" and health["model"]["stage"] == "production"
     with (inputs / "c_new.dcm").open("rb") as fh:
-        reply = httpx.post(f"{api}/predict", files={"file": ("c_new.dcm", fh)}, timeout=60)
+        reply = httpx.post(
+            f"{api}/predict", files={"file": ("c_new.dcm", fh)}, headers=auth, timeout=60
+        )
     assert reply.status_code == 200, reply.text
     record = reply.json()
     # in the ledger by the time the answer arrived
@@ -352,26 +386,27 @@ def test_the_api_answers_with_a_ledgered_record(workspace, api):
     raw = httpx.post(
         f"{api}/predict",
         content=(inputs / "c_new.dcm").read_bytes(),
-        headers={"content-type": "application/dicom"},
+        headers={"content-type": "application/dicom", **auth},
         timeout=60,
     ).json()
     assert raw["image_sha256"] == record["image_sha256"] and raw["boxes"] == record["boxes"]
     bad = httpx.post(
         f"{api}/predict",
         files={"file": ("x.dcm", (inputs / "d_truncated.dcm").read_bytes())},
+        headers=auth,
         timeout=60,
     )
     assert bad.status_code == 422 and bad.json()["reason"] == "corrupt"
     assert bad.json()["prediction_id"] in {row["subject"] for row in _ledger_rows(ws)}
     assert (
         httpx.post(
-            f"{api}/predict", content=b"x", headers={"content-type": "text/plain"}
+            f"{api}/predict", content=b"x", headers={"content-type": "text/plain", **auth}
         ).status_code
         == 415
     )
 
 
-def test_the_api_refuses_to_answer_what_the_ledger_did_not_record(workspace, api):
+def test_the_api_refuses_to_answer_what_the_ledger_did_not_record(workspace, api, auth):
     ws = workspace["ws"]
     before = len(_ledger_rows(ws, kind=None))
     holder = sqlite3.connect(ws / "ledger.db", isolation_level=None)
@@ -380,7 +415,7 @@ def test_the_api_refuses_to_answer_what_the_ledger_did_not_record(workspace, api
         reply = httpx.post(
             f"{api}/predict",
             content=(workspace["inputs"] / "c_new.dcm").read_bytes(),
-            headers={"content-type": "application/dicom"},
+            headers={"content-type": "application/dicom", **auth},
             timeout=60,
         )
     finally:
@@ -390,7 +425,7 @@ def test_the_api_refuses_to_answer_what_the_ledger_did_not_record(workspace, api
     assert len(_ledger_rows(ws, kind=None)) == before
 
 
-def test_the_api_follows_the_production_alias(workspace, api):
+def test_the_api_follows_the_production_alias(workspace, api, auth):
     ws = workspace["ws"]
     registered = radflow(ws, "step", "register")  # version 2, from the same trained files
     assert registered.returncode == 0, registered.stderr[-3000:]
@@ -398,7 +433,7 @@ def test_the_api_follows_the_production_alias(workspace, api):
     assert moved.returncode == 0, moved.stderr[-2000:]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if httpx.get(f"{api}/healthz").json()["model"]["version"] == "2":
+        if httpx.get(f"{api}/healthz", headers=auth).json()["model"]["version"] == "2":
             break
         time.sleep(0.5)
     else:
@@ -406,7 +441,7 @@ def test_the_api_follows_the_production_alias(workspace, api):
     reply = httpx.post(
         f"{api}/predict",
         content=(workspace["inputs"] / "c_new.dcm").read_bytes(),
-        headers={"content-type": "application/dicom"},
+        headers={"content-type": "application/dicom", **auth},
         timeout=60,
     ).json()
     assert reply["model"]["version"] == "2"
