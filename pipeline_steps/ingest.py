@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import logging
+import os
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +17,7 @@ import pandas as pd
 from pipeline_steps.core.config import IngestParams
 from pipeline_steps.core.deid import DEV_PSEUDONYM_KEY, image_id_for
 from pipeline_steps.core.errors import DataError
-from pipeline_steps.core.files import atomic_path, copy_atomic, file_sha256
+from pipeline_steps.core.files import atomic_path, file_sha256
 from pipeline_steps.core.labels import (
     ALREADY_LABELLED,
     BOX_COLUMNS,
@@ -22,10 +27,19 @@ from pipeline_steps.core.labels import (
     READER_COLUMNS,
     LabelImport,
     import_labels,
+    read_label_file,
     resolve_format,
 )
 from pipeline_steps.core.layout import Layout
 from pipeline_steps.core.screening import build_metadata
+
+log = logging.getLogger(__name__)
+
+# Reason code of an entry of the input folder that is a symbolic link (to a file or a folder):
+# ingest reads only regular files inside the folder, so a link is neither followed nor archived
+# (a link to /etc/passwd must not end up in data/raw and the DVC cache). Counted with the
+# quarantined files of the summary, although nothing of it is kept.
+SYMLINK = "symlink"
 
 
 @dataclass(frozen=True)
@@ -34,7 +48,9 @@ class IngestSummary:
     added: int  # new to the archive
     skipped_existing: int  # already archived (same content)
     accepted: int  # files whose header passes the scan (screening.build_metadata)
-    quarantined: dict[str, int]  # reason code -> files; accepted + quarantined = seen
+    # reason code -> files; accepted + quarantined = seen. Files are archived whatever their
+    # reason, except symbolic links (SYMLINK), which are not followed.
+    quarantined: dict[str, int]
     label_format: str = ""  # rsna | vindr | canonical; empty without a label file
     labels_imported: int = 0  # canonical rows this ingest added to labels.csv
     label_rows: int = 0  # rows in labels.csv afterwards
@@ -99,16 +115,77 @@ def merge_labels(
     return merged.reset_index(drop=True), fresh, issues
 
 
-def _read_labels_file(labels_file: Path) -> pd.DataFrame:
-    if not labels_file.is_file():
-        raise DataError(f"{labels_file}: labels file not found")
-    try:
-        # Everything as text: keys like 0012 must not become numbers; importers parse coordinates.
-        return pd.read_csv(labels_file, dtype=str, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+def _input_entries(dicom_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(regular files, symbolic links) below `dicom_dir`, without following any link.
+
+    Hidden files (a leading dot) are skipped, as are sockets, FIFOs and devices."""
+    files: list[Path] = []
+    links: list[Path] = []
+
+    def unreadable(exc: OSError) -> None:
         raise DataError(
-            f"{labels_file}: not a readable CSV ({type(exc).__name__}); check the file"
+            f"{dicom_dir}: a folder inside it cannot be listed ({exc.strerror or exc}); fix its "
+            "permissions and ingest again (nothing was archived)"
+        )
+
+    for folder, dirs, names in os.walk(
+        dicom_dir, onerror=unreadable
+    ):  # links to folders: not entered
+        here = Path(folder)
+        links += [here / d for d in dirs if (here / d).is_symlink()]
+        for name in names:
+            path = here / name
+            if name.startswith("."):
+                continue
+            if path.is_symlink():
+                links.append(path)
+            elif path.is_file():
+                files.append(path)
+    return sorted(files), sorted(links)
+
+
+def _owner_only_dir(path: Path) -> None:
+    """Create `path` (and parents) and make it 0700: the raw archive holds every header's PHI."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        try:
+            path.chmod(mode & 0o700)
+        except OSError as exc:  # not its owner: say so, the data is still archived
+            log.warning("%s is readable by others and cannot be made owner-only (%s)", path, exc)
+
+
+def _archive(src: Path, layout: Layout, dicom_dir: Path) -> tuple[str, bool] | None:
+    """(content id, newly archived) of one input file, or None when it turned out to be a link.
+
+    The file is opened without following a link (a file swapped for one after the folder was
+    listed is refused by the kernel) and hashed and copied through that one descriptor; the copy is
+    created 0600 (it carries the original header, PHI included)."""
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None
+        raise DataError(
+            f"{dicom_dir}: a file inside it cannot be read ({exc.strerror or exc}); fix its "
+            "permissions and ingest again"
         ) from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            return None
+        digest = hashlib.sha256()
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+        image_id = image_id_for(digest.hexdigest())
+        dst = layout.raw_image(image_id)
+        if dst.exists():
+            return image_id, False
+        fh.seek(0)
+        with atomic_path(dst) as tmp:
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(out, "wb") as copy:
+                shutil.copyfileobj(fh, copy, 1 << 20)
+    return image_id, True
 
 
 def ingest_directory(
@@ -123,38 +200,50 @@ def ingest_directory(
 ) -> IngestSummary:
     """Copy every file into `data/raw/images/<content id>.dcm`, scan the headers, and merge the labels.
 
-    Every file is archived, whatever the scan says: rejected files are kept, never modified, and
-    counted by reason. Labels are converted to the canonical table (`labels.csv`; VinDr-CXR's
-    per-reader rows go to `labels_readers.csv`), and label rows that could not be used are appended
-    to `label_issues.csv`.
+    Every regular file is archived (0600, in 0700 folders), whatever the scan says: rejected files
+    are kept, never modified, and counted by reason. Symbolic links are not followed, wherever they
+    point: they are counted under the reason `symlink` and nothing of them is archived. Labels are
+    read by `read_label_file` (size limit, encoding) before anything is copied, and converted to the
+    canonical table (`labels.csv`; VinDr-CXR's per-reader rows go to `labels_readers.csv`) with
+    each box checked against its image's size. Label rows that could not be used (outside the
+    image, not finite, inverted, repeated, ...) are appended to `label_issues.csv` with their line
+    and reason, and never reach `labels.csv`.
     """
     params = params or IngestParams()
     if not dicom_dir.is_dir():
         raise DataError(f"{dicom_dir}: not a directory of DICOM files")
-    sources = sorted(p for p in dicom_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    sources, links = _input_entries(dicom_dir)
     if not sources:
-        raise DataError(f"{dicom_dir}: no files found")
-    table = _read_labels_file(labels_file) if labels_file is not None else None
-    if table is not None:  # a wrong label file fails before anything is copied
+        detail = (
+            f"; {len(links)} symbolic link(s) were not followed (ingest reads only regular files "
+            "inside the folder: copy the files themselves in, e.g. `cp -rL`)"
+            if links
+            else ""
+        )
+        raise DataError(f"{dicom_dir}: no files found{detail}")
+    # A wrong label file fails before anything is copied.
+    table = read_label_file(labels_file) if labels_file is not None else None
+    if table is not None:
         label_format = resolve_format(list(table.columns), label_format)
     images_dir = layout.raw_images
     if replace and layout.raw.exists():
         shutil.rmtree(layout.raw)
-    images_dir.mkdir(parents=True, exist_ok=True)
+    _owner_only_dir(layout.raw)
+    _owner_only_dir(images_dir)
 
     stem_ids: dict[str, set[str]] = {}
     batch: list[str] = []
-    added = skipped = 0
+    added = skipped = late_links = 0
     for done, src in enumerate(sources, 1):
-        image_id = image_id_for(file_sha256(src))
-        stem_ids.setdefault(src.stem, set()).add(image_id)
-        batch.append(image_id)
-        dst = layout.raw_image(image_id)
-        if dst.exists():
-            skipped += 1
+        archived = _archive(src, layout, dicom_dir)
+        if archived is None:  # became a link (or something else) after the folder was listed
+            late_links += 1
         else:
-            copy_atomic(src, dst)
-            added += 1
+            image_id, new = archived
+            stem_ids.setdefault(src.stem, set()).add(image_id)
+            batch.append(image_id)
+            added += new
+            skipped += not new
         if progress:
             progress(done, len(sources))
 
@@ -166,7 +255,8 @@ def ingest_directory(
     )
     accepted_ids = set(metadata["image_id"])
     reason_of = dict(zip(quarantine["image_id"], quarantine["reason"], strict=True))
-    quarantined: dict[str, int] = {}
+    not_followed = len(links) + late_links
+    quarantined: dict[str, int] = {SYMLINK: not_followed} if not_followed else {}
     for image_id in batch:  # per file: two files with the same content are two files seen
         if image_id in reason_of:
             quarantined[reason_of[image_id]] = quarantined.get(reason_of[image_id], 0) + 1
@@ -180,7 +270,11 @@ def ingest_directory(
         pd.DataFrame(columns=ISSUE_COLUMNS[1:]),
     )
     if table is not None:
-        imported = import_labels(table, stem_ids, label_format, params.wbf_iou)
+        sizes = {
+            str(i): (int(r), int(c))
+            for i, r, c in metadata[["image_id", "rows", "columns"]].itertuples(index=False)
+        }
+        imported = import_labels(table, stem_ids, label_format, params.wbf_iou, image_sizes=sizes)
     merged, fresh, clashes = merge_labels(existing, imported.labels)
     _write_csv_atomic(merged, labels_path)
 
@@ -213,7 +307,7 @@ def ingest_directory(
 
     labelled = set(merged["image_id"].astype(str))
     return IngestSummary(
-        seen=len(sources),
+        seen=len(sources) + len(links),
         added=added,
         skipped_existing=skipped,
         accepted=sum(1 for i in batch if i in accepted_ids),

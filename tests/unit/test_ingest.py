@@ -193,3 +193,98 @@ def test_a_bad_label_file_fails_before_anything_is_copied(
     with pytest.raises(DataError, match=match):
         ingest_directory(tmp_path / "in", bad, Layout(tmp_path), label_format=fmt)
     assert not Layout(tmp_path).raw.exists()
+
+
+# ---- symbolic links in the input folder are not followed; labels are checked at import
+
+
+def test_symlinks_in_the_input_folder_are_not_followed_nor_archived(tmp_path, make_dicom):
+    outside = tmp_path / "elsewhere"
+    secret = outside / "passwd"
+    secret.parent.mkdir()
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    elsewhere_dicom = make_dicom(outside / "other_patient.dcm", patient_id="P9")
+    src = tmp_path / "in"
+    good = make_dicom(src / "good.dcm", patient_id="P1")
+    (src / "passwd.dcm").symlink_to(secret)
+    (src / "looks_fine.dcm").symlink_to(elsewhere_dicom)  # a DICOM, but outside the folder
+    (src / "linked_folder").symlink_to(outside, target_is_directory=True)
+    (src / "inside.dcm").symlink_to(good)  # inside the folder: its target is ingested anyway
+    layout = Layout(tmp_path / "ws")
+    summary = ingest_directory(src, None, layout)
+
+    assert summary.seen == 5
+    assert (summary.accepted, summary.added) == (1, 1)
+    assert summary.quarantined == {"symlink": 4}
+    assert summary.accepted + sum(summary.quarantined.values()) == summary.seen
+    archived = sorted(layout.raw_images.iterdir())
+    assert [p.read_bytes() for p in archived] == [good.read_bytes()]
+    assert not any(b"root:x:0:0" in p.read_bytes() for p in layout.raw.rglob("*") if p.is_file())
+
+
+def test_a_folder_of_links_only_says_why_nothing_was_ingested(tmp_path, make_dicom):
+    target = make_dicom(tmp_path / "real" / "a.dcm")
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.dcm").symlink_to(target)
+    with pytest.raises(DataError, match=r"no files found; 1 symbolic link\(s\) were not followed"):
+        ingest_directory(src, None, Layout(tmp_path / "ws"))
+    assert not (tmp_path / "ws" / "data").exists()
+
+
+def test_the_raw_archive_is_owner_only(tmp_path, make_dicom):
+    src = tmp_path / "in"
+    make_dicom(src / "a.dcm")
+    layout = Layout(tmp_path / "ws")
+    layout.raw.mkdir(parents=True, mode=0o755)  # an existing workspace, made before
+    layout.raw.chmod(0o755)
+    ingest_directory(src, None, layout)
+    assert oct(layout.raw.stat().st_mode & 0o777) == oct(0o700)
+    assert oct(layout.raw_images.stat().st_mode & 0o777) == oct(0o700)
+    for path in layout.raw_images.iterdir():
+        assert oct(path.stat().st_mode & 0o777) == oct(0o600)
+
+
+def test_boxes_outside_the_image_are_refused_before_they_reach_labels_csv(tmp_path, make_dicom):
+    src = tmp_path / "in"
+    a = make_dicom(src / "a.dcm", patient_id="P1")  # 280 columns x 300 rows
+    labels = tmp_path / "labels.csv"
+    _rsna(
+        labels,
+        [
+            ["a", 10, 20, 30, 40, 1],  # line 2
+            ["a", 260, 20, 30, 40, 1],  # line 3: x_max 290 > 280
+            ["a", 1e308, 1e308, 1e308, 1e308, 1],  # line 4
+            ["a", 10, 20, 30, 40, 1],  # line 5: repeats line 2
+        ],
+    )
+    layout = Layout(tmp_path)
+    summary = ingest_directory(src, labels, layout)
+    assert summary.label_issues == {"bad_value": 1, "box_outside_image": 1, "duplicate_row": 1}
+    table = pd.read_csv(layout.raw_labels)
+    assert table[["image_id", "x_min", "y_min", "x_max", "y_max"]].values.tolist() == [
+        [_id(a), 10, 20, 40, 60]
+    ]
+    issues = pd.read_csv(layout.raw_label_issues).set_index("source_row")
+    assert issues.loc[3, "kind"] == "box_outside_image"
+    assert "280 columns x 300 rows" in issues.loc[3, "message"]
+    assert issues.loc[5, "message"].startswith("repeats line 2")
+
+
+def test_a_utf16_label_file_is_read_by_its_mark_and_without_one_refused_before_copying(
+    tmp_path, make_dicom
+):
+    src = tmp_path / "in"
+    a = make_dicom(src / "a.dcm", patient_id="P1")
+    text = "patientId,x,y,width,height,Target\r\na,10,20,30,40,1\r\n"
+    with_mark = tmp_path / "excel.csv"
+    with_mark.write_bytes(text.encode("utf-16"))  # what Excel's "Unicode text" writes
+    summary = ingest_directory(src, with_mark, Layout(tmp_path / "ws1"))
+    assert (summary.label_format, summary.labels_imported) == ("rsna", 1)
+    assert pd.read_csv(Layout(tmp_path / "ws1").raw_labels)["image_id"].tolist() == [_id(a)]
+
+    without = tmp_path / "nomark.csv"
+    without.write_bytes(text.encode("utf-16-le"))
+    with pytest.raises(DataError, match=r"nomark\.csv: line 1: NUL bytes.*suggests utf_16"):
+        ingest_directory(src, without, Layout(tmp_path / "ws2"))
+    assert not Layout(tmp_path / "ws2").raw.exists()

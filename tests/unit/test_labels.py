@@ -7,15 +7,18 @@ from pipeline_steps.core.errors import DataError
 from pipeline_steps.core.labels import (
     AMBIGUOUS,
     BAD_VALUE,
+    DUPLICATE,
     INVERTED,
     LABEL_COLUMNS,
     MISSING_BOX,
     NO_FINDING,
     ORPHAN,
+    OUTSIDE,
     READER_COLUMNS,
     detect_format,
     import_labels,
     normalize_label,
+    read_label_file,
     weighted_box_fusion,
 )
 
@@ -204,3 +207,171 @@ def test_canonical_rows_are_checked_and_keys_resolved():
         5: AMBIGUOUS,
     }
     assert out.count(INVERTED) == 1
+
+
+# ---- boxes checked against their image, absurd values and repeated rows refused with their line
+
+
+def _kinds(out):
+    return dict(zip(out.issues["source_row"], out.issues["kind"], strict=True))
+
+
+def _messages(out):
+    return dict(zip(out.issues["source_row"], out.issues["message"], strict=True))
+
+
+def test_boxes_outside_the_image_and_absurd_values_are_refused_with_line_and_reason():
+    table = _table(
+        RSNA,
+        [
+            ["p1", 10, 20, 30, 40, 1],  # line 2: inside the 280 x 300 image
+            ["p1", 270, 20, 20, 40, 1],  # line 3: x_max 290 > 280 columns
+            ["p1", -5, 20, 30, 40, 1],  # line 4: starts left of the image
+            ["p1", 10, 280, 30, 40, 1],  # line 5: y_max 320 > 300 rows
+            ["p1", "1e308", "1e308", "1e308", "1e308", 1],  # line 6: x + width overflows to inf
+            ["p1", "inf", 1, 2, 3, 1],  # line 7
+            ["p1", 10, 20, -30, 40, 1],  # line 8: negative width
+            ["p1", "NaN", 20, 30, 40, 1],  # line 9: no coordinate
+            ["p2", "1e300", 20, 30, 40, 1],  # line 10: finite, beyond any DICOM image
+            ["p1", 0, 0, 280, 300, 1],  # line 11: the whole image, edges included
+        ],
+    )
+    out = import_labels(table, {"p1": {"c1"}, "p2": {"c2"}}, image_sizes={"c1": (300, 280)})
+    assert _kinds(out) == {
+        3: OUTSIDE,
+        4: OUTSIDE,
+        5: OUTSIDE,
+        6: BAD_VALUE,
+        7: BAD_VALUE,
+        8: INVERTED,
+        9: MISSING_BOX,
+        10: OUTSIDE,
+    }
+    messages = _messages(out)
+    assert "280 columns x 300 rows" in messages[3]
+    assert "not a finite number" in messages[6]
+    assert "negative width or height" in messages[8]
+    assert "65535" in messages[10]  # c2's size is not known: DICOM's own limit
+    assert _boxes(out.labels, "c1", "opacity") == [[10, 20, 40, 60], [0, 0, 280, 300]]
+    assert "c2" not in set(out.labels["image_id"])  # its only finding was refused: unlabelled
+    assert np.isfinite(out.labels[["x_min", "y_min", "x_max", "y_max"]].to_numpy(float)).all()
+
+
+def test_repeated_rows_are_kept_once_and_reported_with_the_line_they_repeat():
+    table = _table(
+        RSNA,
+        [
+            ["p1", 10, 20, 30, 40, 1],  # line 2
+            ["p2", None, None, None, None, 0],
+            ["p1", "10.0", 20, 30, 40, 1],  # line 4: the same box as line 2
+            ["p2", None, None, None, None, 0],  # line 5: the same negative as line 3
+            ["p1", 11, 20, 30, 40, 1],  # another box: kept
+        ],
+    )
+    out = import_labels(table, {"p1": {"c1"}, "p2": {"c2"}})
+    assert _kinds(out) == {4: DUPLICATE, 5: DUPLICATE}
+    assert _messages(out)[4].startswith("repeats line 2 ")
+    assert _messages(out)[5].startswith("repeats line 3 ")
+    assert _boxes(out.labels, "c1", "opacity") == [[10, 20, 40, 60], [11, 20, 41, 60]]
+    assert out.labels["image_id"].value_counts().to_dict() == {"c1": 2, "c2": 1}
+
+
+def test_a_reader_drawing_the_same_box_twice_is_one_finding_not_two():
+    rows = [
+        ["a", "Nodule/Mass", 8, "R1", 10, 10, 50, 50],
+        ["a", "Nodule/Mass", 8, "R1", 10, 10, 50, 50],  # line 3: repeated by the same reader
+        ["a", "Nodule/Mass", 8, "R2", 10, 10, 50, 50],  # another reader: fused, not a repeat
+    ]
+    out = import_labels(_table(VINDR, rows))
+    assert _kinds(out) == {3: DUPLICATE}
+    assert _boxes(out.labels, "a", "nodule_mass") == [[10, 10, 50, 50]]
+    assert len(out.readers) == 2
+
+
+def test_files_with_different_names_and_one_content_repeat_each_other():
+    # two stems, one image: the same box under both names is one box
+    table = _table(LABEL_COLUMNS, [["x", "nodule", 1, 2, 3, 4], ["y", "nodule", 1, 2, 3, 4]])
+    out = import_labels(table, {"x": {"c"}, "y": {"c"}})
+    assert _kinds(out) == {3: DUPLICATE}
+    assert len(out.labels) == 1
+
+
+# ---- label files read within limits: size, encoding, CSV shape; errors name file and line
+
+RSNA_TEXT = "patientId,x,y,width,height,Target\nSmith_J,10,20,30,40,1\nDoe,,,,,0\n"
+
+
+def _write(tmp_path, data: bytes, name="labels.csv"):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("codec", ["utf-8", "utf-8-sig", "utf-16", "utf-16-be", "utf-32"])
+def test_a_label_file_with_a_byte_order_mark_is_decoded_as_it_says(tmp_path, codec):
+    data = RSNA_TEXT.encode(codec)
+    if codec == "utf-16-be":  # Python writes no mark for an explicit byte order: add it
+        data = b"\xfe\xff" + data
+    table = read_label_file(_write(tmp_path, data))
+    assert table.columns.tolist() == RSNA
+    assert table.index.tolist() == [2, 3]
+    assert table.loc[2].tolist() == ["Smith_J", "10", "20", "30", "40", "1"]
+    assert table.loc[3, "x"] is None
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        # UTF-16 without a byte-order mark: valid UTF-8 bytes, but full of NULs
+        (RSNA_TEXT.encode("utf-16-le"), r"line 1: NUL bytes .*suggests utf_16"),
+        (
+            "patientId,x,y,width,height,Target\nMüller,1,2,3,4,1\n".encode("cp1252"),
+            r"line 2: not UTF-8 text \(byte 0xfc\); charset detection suggests",
+        ),
+        (b"\xff\xfe" + "a,b\n".encode("utf-16-le") + b"\x00\xd8", r"line 2: .*says UTF-16"),
+        (b"DICM\x00\x01\x02\xff\xd8", r"line 1: "),  # binary, e.g. an image given as labels
+    ],
+    ids=["utf16-no-bom", "cp1252", "utf16-truncated", "binary"],
+)
+def test_a_label_file_not_in_utf8_names_the_line_and_the_likely_encoding(tmp_path, data, message):
+    with pytest.raises(DataError, match=r"labels\.csv: " + message):
+        read_label_file(_write(tmp_path, data))
+
+
+def test_a_label_file_over_the_size_limit_is_refused_before_reading(tmp_path):
+    header, rows = RSNA_TEXT.split("\n", 1)
+    path = _write(tmp_path, (header + "\n" + rows * 10).encode())
+    with pytest.raises(DataError, match=r"larger than the limit of a label file \(100 bytes\)"):
+        read_label_file(path, max_bytes=100)
+    assert len(read_label_file(path, max_bytes=10_000)) == 20
+
+
+def test_line_numbers_survive_blank_lines_and_quoted_newlines(tmp_path):
+    text = 'image_id,label,x_min,y_min,x_max,y_max\n\na,"multi\nline",1,2,3,4\n\n  \nb,no_finding,,,,\n'
+    table = read_label_file(_write(tmp_path, text.encode()))
+    assert table.index.tolist() == [4, 7]  # the line where each row ends
+    out = import_labels(table)
+    assert out.issues.empty and len(out.labels) == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a,b\n1,2\n1,2,3\n", r"line 3: 3 cells, but the header has 2"),
+        ('a,b\n1,"2\n', r"line \d+: not readable CSV"),
+        ("", r"empty, no header row"),
+        ("\n\n", r"empty, no header row"),
+        ("x,x,y\n1,2,3\n", r"line 1: column\(s\) \['x'\] appear twice"),
+    ],
+    ids=["too-many-cells", "open-quote", "empty", "blank", "twice"],
+)
+def test_a_malformed_csv_is_a_data_error_naming_file_and_line(tmp_path, text, message):
+    with pytest.raises(DataError, match=r"labels\.csv: " + message):
+        read_label_file(_write(tmp_path, text.encode()))
+
+
+def test_short_rows_are_padded_and_a_missing_file_is_named(tmp_path):
+    table = read_label_file(_write(tmp_path, b"a,b,c\n1\n"))
+    assert table.loc[2].tolist() == ["1", None, None]
+    with pytest.raises(DataError, match=r"nope\.csv: labels file not found"):
+        read_label_file(tmp_path / "nope.csv")
