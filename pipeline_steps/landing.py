@@ -95,14 +95,11 @@ def quarantine_reason(path: Path, is_labels: bool) -> str | None:
     (or not a label table) is stopped here; a damaged DICOM is archived by ingest and rejected by
     validation with its reason code, as for any other source."""
     if is_labels:
-        import pandas as pd
+        from pipeline_steps.core.labels import read_label_file, resolve_format
 
-        from pipeline_steps.core.labels import resolve_format
-
-        try:
-            columns = list(pd.read_csv(path, dtype=str, nrows=0).columns)
-            resolve_format(columns, "auto")
-        except (DataError, ValueError, UnicodeDecodeError, pd.errors.ParserError):
+        try:  # read as ingest will read it: size limit, encoding, CSV shape, a known format
+            resolve_format(list(read_label_file(path).columns), "auto")
+        except DataError:
             return "unreadable_labels"
         return None
     from pipeline_steps.core.dicom_io import UnreadableDicom, scan_header

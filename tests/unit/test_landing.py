@@ -88,3 +88,16 @@ def test_the_seen_index_round_trips_and_a_damaged_one_is_named():
     assert read_seen(dump_seen(seen), "seen.json") == seen
     with pytest.raises(LandingError, match=r"seen\.json: unreadable landing index"):
         read_seen('{"objects": {"k": {"etag": 1}}}', "seen.json")
+
+
+def test_label_files_are_judged_as_ingest_reads_them(tmp_path):
+    text = "patientId,x,y,width,height,Target\nstudy1,1,2,3,4,1\n"
+    marked = tmp_path / "excel.csv"
+    marked.write_bytes(text.encode("utf-16"))  # a byte-order mark: ingest decodes it
+    assert quarantine_reason(marked, is_labels=True) is None
+    unmarked = tmp_path / "unmarked.csv"
+    unmarked.write_bytes(text.encode("utf-16-le"))  # no mark: ingest would refuse it
+    assert quarantine_reason(unmarked, is_labels=True) == "unreadable_labels"
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text(text + "study2,1,2,3,4,1,extra\n")
+    assert quarantine_reason(ragged, is_labels=True) == "unreadable_labels"
