@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -315,7 +316,8 @@ def write_sr(
 ) -> Path:
     """Write `out_dir/<prediction_id>.dcm` atomically (through core.files.atomic_path) and return its path.
 
-    `out_dir` must be the caller's own output folder: the SR holds the source's identifiers.
+    `out_dir` must be the caller's own output folder: the SR holds the source's identifiers and
+    patient module, so the file is written 0600 (and a new `out_dir` 0700).
     Raises DataError naming the source file when it is not readable DICOM.
     """
     source = read_header(source_path)
@@ -334,8 +336,15 @@ def write_sr(
         raise DataError(f"{source_path.name}: {exc}") from None
     target = out_dir / f"{prediction_id}.dcm"
     try:
+        # The SR carries the patient module (PACS files it in the original study): the folder is
+        # made 0700 when it is new, and the file is 0600 whatever the process's umask, from the
+        # moment it exists (created with that mode, not chmod-ed after writing).
+        out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with atomic_path(target) as partial, _quiet():
-            sr.save_as(partial, enforce_file_format=True)
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                sr.save_as(fh, enforce_file_format=True)
     except OSError as exc:
         raise DataError(
             f"{out_dir}: cannot write the SR for prediction {prediction_id} "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -241,3 +242,22 @@ def test_uids_follow_the_prediction_and_the_caller_header_is_untouched(source: P
     assert first.SeriesInstanceUID == other.SeriesInstanceUID  # one series per study and model
     assert header.to_json_dict() == before  # StudyID etc. were filled in a copy only
     assert "StudyID" not in header
+
+
+def test_an_sr_file_is_owner_only_whatever_the_umask(source: Path, tmp_path: Path) -> None:
+    # The SR carries the patient module (name, ID, birth date) so PACS can file it in the study.
+    previous = os.umask(0o022)  # a common default: files 0644, folders 0755
+    try:
+        out = write_sr(source, BOXES, prediction_id=PREDICTION_ID, out_dir=tmp_path / "sr", **MODEL)
+    finally:
+        os.umask(previous)
+    assert pydicom.dcmread(out).PatientName == "Testperson^Ada"
+    assert oct(out.stat().st_mode & 0o777) == oct(0o600)
+    assert oct(out.parent.stat().st_mode & 0o777) == oct(0o700)
+    # An existing folder of the caller's keeps its mode; the file in it is still 0600.
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o750)
+    mine.chmod(0o750)
+    again = write_sr(source, [], prediction_id="01J0000000000000000000000B", out_dir=mine, **MODEL)
+    assert oct(again.stat().st_mode & 0o777) == oct(0o600)
+    assert oct(mine.stat().st_mode & 0o777) == oct(0o750)
