@@ -276,7 +276,14 @@ def test_registration_tags_lineage_signature_and_no_phi(registered, ws, mlflow_s
     assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "training"
 
     # The registered model is the pyfunc (DICOM in), with its Keras-native copy in the same run.
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL}/1")
+    # Through radflow's one door: MLflow puts the model's code_paths copy (the serving modules
+    # only) first on sys.path; left there, it shadows the installed radflow for later imports and
+    # for spawned children (the racing promotions below), so load_pyfunc restores sys.path.
+    from flows.tracking import load_pyfunc
+
+    path_before = list(sys.path)
+    pyfunc = load_pyfunc(layout, MODEL, "1")
+    assert sys.path == path_before
     signature = pyfunc.metadata.signature
     assert signature.inputs.input_names() == [INPUT_COLUMN]
     assert signature.params.to_dict()[0]["name"] == "score_threshold"
@@ -651,12 +658,6 @@ def ledger_backend(request, fresh, monkeypatch):
         yield url
 
 
-@pytest.mark.xfail(
-    reason="known defect: after earlier tests of this module log or load a model in this process, "
-    "MLflow leaves the model's code_paths copy (a temporary .../code folder) on sys.path, and the "
-    "spawned racers inherit it and cannot import pipeline_steps.core.layout; passes alone",
-    strict=False,
-)
 def test_two_racing_promotions_one_wins_one_fails_cleanly(fresh, ledger_backend):
     from pipeline_steps.governance.ledger import Ledger
 
