@@ -1,15 +1,20 @@
-"""Long-running processes of a radflow installation: a local Prefect server (`radflow server start`) and the
-runner that serves the nightly deployment on its schedule (`radflow schedule`)."""
+"""The services a radflow installation talks to: whether MLflow, Prefect and S3 can be reached before a
+command starts its work (`check_reachable`), and the long-running processes radflow starts itself: a
+local Prefect server (`radflow server start`) and the runner that serves the nightly deployment on its
+schedule (`radflow schedule`)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from urllib.parse import urlsplit, urlunsplit
@@ -20,6 +25,130 @@ from pipeline_steps.core.layout import Layout
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PREFECT_PORT = 4200
+
+
+# ---------------------------------------------------------------------------------------------
+# Fail fast: every service a command needs is checked before it does any work
+
+# Short: a service that answers at all answers a health check in well under a second on a LAN.
+PROBE_TIMEOUT_S = 3.0
+# The S3 endpoints radflow's S3 clients take from the environment (boto3, DVC, MLflow's artifacts).
+S3_ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
+# Database schemes MLflow accepts as a tracking URI, and their default ports.
+DATABASE_PORTS = {"postgresql": 5432, "postgres": 5432, "mysql": 3306, "mssql": 1433}
+
+
+class ServiceUnreachable(ConfigError):
+    """A service a command needs did not answer; nothing was done."""
+
+
+@dataclass(frozen=True)
+class Service:
+    variable: str  # the environment variable that points at it
+    url: str
+    probe_url: str  # what is asked (a health endpoint), or the URL itself
+    advice: str  # what to do about it
+
+
+def needed_services(
+    *, mlflow: bool = False, prefect: bool = False, s3: bool = False
+) -> list[Service]:
+    """The services named in the environment that a command needing these kinds talks to. Unset
+    variables mean local defaults (the workspace's SQLite store, Prefect's temporary server, AWS's
+    own S3 endpoint): nothing to check."""
+    found = []
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if mlflow and uri and urlsplit(uri).scheme.split("+")[0] in ("http", "https", *DATABASE_PORTS):
+        probe = f"{uri.rstrip('/')}/health" if uri.startswith("http") else uri
+        found.append(
+            Service(
+                "MLFLOW_TRACKING_URI",
+                uri,
+                probe,
+                "start the server or unset it to use the local default (the workspace's SQLite store)",
+            )
+        )
+    api = os.environ.get("PREFECT_API_URL", "").strip()
+    if prefect and api:
+        found.append(
+            Service(
+                "PREFECT_API_URL",
+                api,
+                f"{api.rstrip('/')}/health",
+                "start the server (`radflow server start`) or unset it to use Prefect's temporary "
+                "local server",
+            )
+        )
+    if s3:
+        for variable in S3_ENDPOINT_VARIABLES:
+            endpoint = os.environ.get(variable, "").strip()
+            if endpoint:
+                found.append(
+                    Service(
+                        variable,
+                        endpoint,
+                        endpoint,
+                        "start the S3 service or unset it to use the default endpoint",
+                    )
+                )
+    return found
+
+
+def probe(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """None when the service at `url` answers; else why not, in a few words. Any HTTP answer below
+    500 counts (a health endpoint's 200, an S3 endpoint's 403): the server is there."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.split("+")[0]
+    try:
+        if scheme in ("http", "https"):
+            try:
+                with urllib.request.urlopen(url, timeout=timeout_s):
+                    return None
+            except urllib.error.HTTPError as exc:
+                return None if exc.code < 500 else f"it answered HTTP {exc.code}"
+        if not parts.hostname:
+            return "no host in the URL"
+        port = parts.port or DATABASE_PORTS.get(scheme)
+        if port is None:
+            return None  # a scheme radflow cannot probe: let the tool itself say
+        with socket.create_connection((parts.hostname, port), timeout=timeout_s):
+            return None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return _why(exc, timeout_s)
+
+
+def _why(exc: BaseException, timeout_s: float) -> str:
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, socket.timeout | TimeoutError):
+        return f"no answer within {timeout_s:g} s"
+    if isinstance(reason, socket.gaierror):
+        return "host name not found"
+    text = str(getattr(reason, "strerror", None) or reason).strip()
+    return text.splitlines()[0][:200] if text else type(reason).__name__
+
+
+def check_reachable(
+    *,
+    mlflow: bool = False,
+    prefect: bool = False,
+    s3: bool = False,
+    timeout_s: float = PROBE_TIMEOUT_S,
+) -> None:
+    """Raise ServiceUnreachable, naming each variable, its value (without a password) and what to do,
+    when a service the command needs does not answer within `timeout_s`. Called at the start of every
+    command that needs MLflow, Prefect or S3, before it does any work."""
+    failures = []
+    for service in needed_services(mlflow=mlflow, prefect=prefect, s3=s3):
+        why = probe(service.probe_url, timeout_s)
+        if why is not None:
+            failures.append(
+                f"{service.variable}={public_url(service.url)} is not reachable ({why}); "
+                f"{service.advice}"
+            )
+    if failures:
+        raise ServiceUnreachable("; and ".join(failures) + ". Nothing was done.")
 
 
 def tool(name: str) -> str:

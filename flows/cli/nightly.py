@@ -10,11 +10,13 @@ from flows.cli.common import workspace_dir
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
-    from flows import workspace
+    from flows import servers, workspace
+
+    # A bad params.yaml, or a service that does not answer, fails here, before Prefect starts.
+    layout, _ = workspace.open_workspace(workspace_dir(args))
+    servers.check_reachable(mlflow=True, prefect=True, s3=True)
     from flows.nightly import nightly_retraining
 
-    # A bad params.yaml fails here, before Prefect starts.
-    layout, _ = workspace.open_workspace(workspace_dir(args))
     state = nightly_retraining(str(layout.root), force=args.force, return_state=True)
     # This run's line (another run may have appended one since).
     run_id = str(state.state_details.flow_run_id)
@@ -36,6 +38,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     from flows import servers, workspace
 
     layout, params = workspace.open_workspace(workspace_dir(args))
+    servers.check_reachable(prefect=True)
     print(
         f"serving nightly_retraining/radflow-nightly: cron {params.nightly.cron!r} "
         f"({params.nightly.timezone}) on {layout.root}; Ctrl-C stops it",

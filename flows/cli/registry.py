@@ -34,9 +34,10 @@ def _open(args: argparse.Namespace) -> tuple[Layout, Params]:
 def _governance(layout: Layout, params: Params) -> Iterator[tuple[object, object]]:
     """The workspace's registry and ledger, for a transition: refused before MLflow is opened (which
     would create the embedded store) when nothing was ever registered in this workspace."""
-    from flows import registry, tracking
+    from flows import registry, servers, tracking
     from pipeline_steps.governance.lifecycle import TransitionError
 
+    servers.check_reachable(mlflow=True)
     if not tracking.store_exists(layout):
         raise TransitionError(
             f"no model is registered yet: {tracking.public_uri(tracking.tracking_uri(layout))} "
@@ -52,7 +53,7 @@ def _short(value: object, width: int = 12) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from flows import registry, tracking
+    from flows import registry, servers, tracking
     from pipeline_steps.governance.ledger import open_ledger
 
     layout, params = _open(args)
@@ -64,6 +65,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     # An empty registry is an empty list; opening MLflow would create the workspace's store.
     if tracking.store_exists(layout):
+        servers.check_reachable(mlflow=True)
         with registry.governance(layout, params) as (reg, ledger):
             rows = registry.list_versions(reg, ledger)
     if args.json:
