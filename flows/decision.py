@@ -11,23 +11,18 @@ the training images of the version in production. When production has moved sinc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
+# The code's identity (RADFLOW_CODE_VERSION, the source hash) lives with the code version.
+from flows.versioning import CODE_VERSION_ENV, current_code_hash
 from pipeline_steps.core.config import Params
 from pipeline_steps.core.errors import TrackingError
 from pipeline_steps.core.files import write_text_atomic
 from pipeline_steps.core.layout import Layout
-
-CODE_GLOBS = ("pipeline_steps/**/*.py", "flows/**/*.py", "pyproject.toml")
-# Names the code outright (e.g. an image tag or digest in a container deployment) instead of git and
-# the source files. Also what keeps a shared checkout that others are editing from looking changed.
-CODE_VERSION_ENV = "RADFLOW_CODE_VERSION"
 
 
 @dataclass(frozen=True)
@@ -147,16 +142,6 @@ def decide(current: Fingerprint, last: LastRun | None, drift: Drift, force: bool
 # Edges: what the workspace, git and MLflow say
 
 
-def code_hash(root: Path) -> str:
-    """sha256 of the pipeline's source files (what `dvc repro` would see as code deps)."""
-    digest = hashlib.sha256()
-    files = sorted({p for pattern in CODE_GLOBS for p in root.glob(pattern) if p.is_file()})
-    for path in files:
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
-
-
 def fingerprint(layout: Layout, params: Params) -> Fingerprint:
     from flows import tracking, versioning
     from pipeline_steps.register import params_hash
@@ -166,11 +151,7 @@ def fingerprint(layout: Layout, params: Params) -> Fingerprint:
         data_version=versioning.data_version(layout),
         params_hash=params_hash(params),
         code_version=pinned or versioning.code_version(),
-        code_hash=(
-            hashlib.sha256(pinned.encode()).hexdigest()[:16]
-            if pinned
-            else code_hash(versioning.source_root())
-        ),
+        code_hash=current_code_hash(),
         tracking_uri=tracking.tracking_uri(layout),
     )
 

@@ -21,15 +21,24 @@ from flows.registry import (
     GATE_TAGS,
     gate_evidence,
     governance,
+    latest_gate,
+    open_registry,
     promote,
 )
-from flows.tracking import load_pyfunc
+from flows.tracking import load_pyfunc, store_exists
 from pipeline_steps.core.config import Params
 from pipeline_steps.core.errors import DataError, TrackingError
+from pipeline_steps.core.files import write_text_atomic
 from pipeline_steps.core.layout import Layout
 from pipeline_steps.gate import Check, GateResult, evaluate_gate
-from pipeline_steps.governance.ledger import jsonable
-from pipeline_steps.governance.lifecycle import ARCHIVED, TagOp, lifecycle_map, lifecycle_of
+from pipeline_steps.governance.ledger import jsonable, open_ledger
+from pipeline_steps.governance.lifecycle import (
+    ARCHIVED,
+    TagOp,
+    UnknownVersion,
+    lifecycle_map,
+    lifecycle_of,
+)
 from pipeline_steps.serving.serving import INPUT_COLUMN
 
 PIPELINE_ACTOR = "radflow-pipeline"
@@ -83,8 +92,6 @@ def predict_registered(
     layout: Layout, model_name: str, version: str, paths: Sequence[str], threshold: float
 ) -> list[np.ndarray]:
     """(k, 5) boxes per path in original pixels, from the registered pyfunc of `version`."""
-    import pandas as pd
-
     model = load_pyfunc(layout, model_name, version)
     schema = model.metadata.get_input_schema()
     if schema is None or schema.input_names() != [INPUT_COLUMN]:
@@ -92,9 +99,9 @@ def predict_registered(
             f"version {version} does not take DICOM input (registered before radflow's pyfunc?), "
             "so the gate cannot score it; promote explicitly if it should stay or go"
         )
-    out = model.predict(
-        pd.DataFrame({INPUT_COLUMN: list(paths)}), params={"score_threshold": threshold}
-    )
+    # Local files, scored in this process and not ledgered (an evaluation, not predictions about
+    # patients): the served `predict` reads no files and records every answer.
+    out = model.unwrap_python_model().predict_files(list(paths), threshold)
     failed = [e for e in out["error"] if e]
     if failed:
         raise DataError(
@@ -233,3 +240,56 @@ def recorded_decision(layout: Layout, version: str) -> dict[str, Any] | None:
     if not report or str(report.get("version")) != str(version):
         return None
     return {key: report.get(key) for key in DECISION_KEYS}
+
+
+# ---------------------------------------------------------------------------------------------
+# A gate decision already made, and one a crashed run left undone
+
+
+def read_registration(layout: Layout) -> dict[str, Any] | None:
+    """reports/registration.json (the register stage's record), or None when there is none."""
+    if not layout.registration.exists():
+        return None
+    try:
+        record = json.loads(layout.registration.read_text())
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and record.get("model_version") else None
+
+
+def recorded_outcome(layout: Layout, params: Params, version: str) -> dict[str, Any] | None:
+    """The gate's latest decision on `version` from the ledger, written to reports/gate.json as
+    run_gate writes it; None when the gate never decided on it. A version registered again (the
+    same data, code and params) keeps the decision it had: the gate is not run twice on one model."""
+    name = params.register_.model_name
+    with open_ledger(layout.root) as ledger:
+        entry = latest_gate(ledger, name, version)
+    if entry is None:
+        return None
+    internal = ("model", "data_version", "test_set", "actor")
+    report = {k: v for k, v in entry.payload.items() if k not in internal}
+    report |= {"version": version, "ledger_row": entry.seq, "stages": []}
+    write_text_atomic(layout.gate_report, json.dumps(jsonable(report), indent=2, sort_keys=True))
+    return report
+
+
+def ungated_registration(layout: Layout, params: Params) -> dict[str, Any] | None:
+    """The workspace's last registration when the gate never decided on its version (its run stopped
+    between `register` and the gate's decision), else None. A record of another registry (the
+    version there has another run) or of an archived version is not this workspace's to gate."""
+    record = read_registration(layout)
+    if record is None or record.get("model_name") != params.register_.model_name:
+        return None
+    version = str(record["model_version"])
+    with open_ledger(layout.root) as ledger:
+        if latest_gate(ledger, params.register_.model_name, version) is not None:
+            return None
+    if not store_exists(layout):
+        return None
+    try:
+        info = open_registry(layout, params.register_.model_name).version(version)
+    except UnknownVersion:
+        return None
+    if info.run_id != str(record.get("run_id")) or ARCHIVED in info.tags:
+        return None
+    return record

@@ -330,6 +330,8 @@ def _open(workspace_dir: str) -> tuple[Layout, Params]:
 def _steps(layout: Layout, params: Params, run: RunSummary) -> None:
     logger = get_run_logger()
     nightly = params.nightly
+    # Before anything else: what a killed run left (its ungated version, its outputs, its flow runs).
+    retraining.recover(layout, params, record_task)
     if layout.raw_dvc.exists():
         run.previous_data_version = versioning.data_version(layout)
     if nightly.landing:

@@ -34,6 +34,7 @@ from pipeline_steps.governance.lifecycle import (
     LIFECYCLE,
     AliasOp,
     ConcurrentTransition,
+    GateDecision,
     Move,
     RegistryOp,
     RequirementsNotMet,
@@ -44,6 +45,7 @@ from pipeline_steps.governance.lifecycle import (
     parse_lifecycle,
     plan_transition,
     previous_production,
+    promotion_requirements,
     replay,
 )
 
@@ -214,6 +216,40 @@ def _version_info(mv: Any) -> VersionInfo:
     )
 
 
+# What makes two registrations the same model: a version's tags (pipeline_steps/register.version_tags).
+# An uncommitted ("-dirty") code version does not pin the code, so it also needs the source hash.
+FINGERPRINT_TAGS = ("data_version", "code_version", "params_hash")
+CODE_HASH_TAG = "code_hash"
+
+
+def fingerprint_tags(tags: Mapping[str, str]) -> dict[str, str]:
+    """The tags of a registration that identify what it was trained from."""
+    keys = [*FINGERPRINT_TAGS]
+    if tags.get("code_version", "").endswith("-dirty"):
+        keys.append(CODE_HASH_TAG)
+    return {key: str(tags.get(key, "")) for key in keys}
+
+
+def find_same_registration(registry: ModelRegistry, tags: Mapping[str, str]) -> VersionInfo | None:
+    """The newest version registered from the same data version, code version and params (the
+    fingerprint in `tags`), or None. A fingerprint with a value missing matches nothing."""
+    wanted = fingerprint_tags(tags)
+    if not all(wanted.values()) or any("'" in value for value in wanted.values()):
+        return None
+    query = f"name='{registry.model_name}' and " + " and ".join(
+        f"tags.{key}='{value}'" for key, value in wanted.items()
+    )
+    found = registry._call(
+        "looking up versions of the same fingerprint", registry.client.search_model_versions, query
+    )
+    same = [
+        info
+        for info in map(_version_info, found)
+        if all(info.tags.get(key) == value for key, value in wanted.items())
+    ]
+    return max(same, key=lambda info: int(info.version)) if same else None
+
+
 def open_registry(layout: Layout, model_name: str) -> ModelRegistry:
     uri = tracking_uri(layout)
     return ModelRegistry(mlflow_client(uri), model_name, uri)
@@ -262,25 +298,24 @@ def gate_evidence(entry: Entry) -> dict[str, Any]:
     return {"ledger_row": entry.seq, "row_hash": entry.row_hash} | {k: p.get(k) for k in keys}
 
 
-def production_requirements(
-    registry: ModelRegistry, ledger: Ledger, info: VersionInfo
+def requirements(
+    registry: ModelRegistry, ledger: Ledger, info: VersionInfo, stage: str
 ) -> tuple[list[str], dict[str, Any] | None]:
-    """What keeps `info` from production (empty: nothing), and the gate evidence found."""
-    unmet = []
+    """What keeps `info` from `stage` (empty: nothing; governance/lifecycle's rule), and the gate
+    evidence found."""
     gate = latest_gate(ledger, registry.model_name, info.version)
-    if gate is None:
-        unmet.append(f"version {info.version} was never evaluated by the gate")
-    elif not gate.payload.get("passed"):
-        unmet.append(
-            f"version {info.version} failed its gate (ledger row {gate.seq}: "
-            f"{gate.payload.get('reason')})"
-        )
-    validation = info.tags.get("validation_passed")
-    if validation != "true":
-        unmet.append(
-            f"the validation of its data version {info.tags.get('data_version', '?')} did not pass "
-            f"(tag validation_passed={validation or 'missing'})"
-        )
+    decision = (
+        GateDecision(bool(gate.payload.get("passed")), str(gate.payload.get("reason")), gate.seq)
+        if gate
+        else None
+    )
+    unmet = promotion_requirements(
+        info.version,
+        stage,
+        decision,
+        info.tags.get("validation_passed"),
+        info.tags.get("data_version", "?"),
+    )
     return unmet, gate_evidence(gate) if gate else None
 
 
@@ -321,12 +356,12 @@ def promote(
     info = registry.version(version)
     unmet: list[str] = []
     gate_evidence = dict(evidence) if evidence is not None else None
-    if stage == "production" and not rollback:
-        unmet, found = production_requirements(registry, ledger, info)
+    if stage != "candidate" and not rollback:
+        unmet, found = requirements(registry, ledger, info, stage)
         gate_evidence = gate_evidence or found
         if unmet and not force:
             raise RequirementsNotMet(
-                f"version {version} cannot go to production: {'; '.join(unmet)}. "
+                f"version {version} cannot go to {stage}: {'; '.join(unmet)}. "
                 "Pass --force with a --reason to override; the override is recorded."
             )
     applied: tuple[RegistryOp, ...] = ()

@@ -1,22 +1,33 @@
 """Retrain if stale: the run decision, then the training pipeline (with its gate) and the record of a
 successful run. The one rule behind `radflow run` and the nightly flow; each says the outcome its own way.
+
+Both hold the workspace's run lock (`exclusive_run`), so no other run of the workspace is alive while
+they work, and both first recover what a run killed mid-way left (`recover`): the previous training
+outputs put back, the gate of a version registered but never gated finished, that run recorded, and
+its Prefect flow runs marked crashed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flows import decision, gate, versioning
+from flows import decision, gate, versioning, workspace
 from flows.decision import Decision, Fingerprint, LastRun
 from pipeline_steps.core import locks
 from pipeline_steps.core.config import Params
 from pipeline_steps.core.deid import pseudonym_key
+from pipeline_steps.core.files import write_text_atomic
 from pipeline_steps.core.layout import Layout
+
+log = logging.getLogger("radflow")
 
 Check = Callable[[Layout, Params, bool], Decision]
 Record = Callable[[Layout, Fingerprint, dict[str, Any]], LastRun]
@@ -57,6 +68,111 @@ class Retraining:
         return self.registered is not None
 
 
+# ---------------------------------------------------------------------------------------------
+# A run in progress, and what the next run does when one was killed
+
+
+def _pending(layout: Layout) -> Path:
+    """What a training run is doing while it runs (removed once it is recorded)."""
+    # TODO(layout): a Layout property (core/layout.py) once its owner adds `pending_run`.
+    return layout.state / "pending_run.json"
+
+
+def _start_pending(layout: Layout, fp: Fingerprint) -> None:
+    previous = gate.read_registration(layout) or {}
+    record = {
+        "fingerprint": asdict(fp),
+        "pid": os.getpid(),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "previous_run_id": previous.get("run_id"),
+        "failed": False,
+    }
+    write_text_atomic(_pending(layout), json.dumps(record, indent=2))
+
+
+def _read_pending(layout: Layout) -> dict[str, Any] | None:
+    try:
+        record = json.loads(_pending(layout).read_text())
+        record["fingerprint"] = Fingerprint(**record["fingerprint"])
+        return dict(record)
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        return {"fingerprint": None, "previous_run_id": None, "failed": False}
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What `recover` found and did."""
+
+    restored: list[str] = field(default_factory=list)  # training outputs put back
+    gated: dict[str, Any] | None = None  # the gate decision it finished
+    recorded: LastRun | None = None  # the killed run, recorded as the last successful one
+    crashed_runs: list[str] = field(default_factory=list)  # Prefect flow runs marked crashed
+
+    @property
+    def anything(self) -> bool:
+        return bool(self.restored or self.gated or self.recorded or self.crashed_runs)
+
+
+def recover(layout: Layout, params: Params, record: Record | None = None) -> Recovery:
+    """Before anything else, under the run lock: what a run that was killed (or failed) left behind.
+
+    - training outputs it had set aside: put back when it registered nothing, else dropped;
+    - a version it registered that the gate never decided on: gated now (the version must not sit in
+      the registry unjudged), and the run recorded as the last successful one when it was this
+      workspace's run (so the decision that follows does not train it again);
+    - its Prefect flow runs still RUNNING: marked CRASHED."""
+    record = record or record_run
+    restored: list[str] = []
+    if workspace.has_set_aside(layout):
+        if workspace.registered_since_set_aside(layout):
+            workspace.discard_set_aside(layout)
+        else:
+            restored = workspace.restore_outputs(layout)
+            log.warning(
+                "an earlier run stopped before registering: its training outputs were replaced by "
+                "the previous ones (%s)",
+                ", ".join(restored) or "there were none",
+            )
+    pending = _read_pending(layout)
+    gated = None
+    ungated = gate.ungated_registration(layout, params)
+    if ungated is not None:
+        log.warning(
+            "version %s was registered by a run that stopped before the gate decided: finishing "
+            "its gate first",
+            ungated["model_version"],
+        )
+        from flows.stages import STAGES
+
+        gated = STAGES["gate"].run(layout, params, None)
+    recorded = None
+    registered = gate.read_registration(layout)
+    if (
+        pending is not None
+        and pending["fingerprint"] is not None
+        and registered is not None
+        and registered.get("run_id") != pending["previous_run_id"]
+        and gate.recorded_decision(layout, str(registered["model_version"])) is not None
+    ):
+        # That run registered a version and it is gated: only its record was missing.
+        recorded = record(layout, pending["fingerprint"], registered)
+    crashed: list[str] = []
+    if pending is not None and not pending["failed"]:
+        try:
+            from flows.pipeline import mark_crashed_runs
+
+            crashed = mark_crashed_runs(layout)
+        except Exception as exc:  # the run goes on: a stale entry in Prefect's UI is not its work
+            log.warning("could not mark the stopped run's Prefect flow runs crashed: %s", exc)
+        if crashed:
+            log.warning("marked crashed in Prefect: %s", ", ".join(crashed))
+    with suppress(FileNotFoundError):
+        _pending(layout).unlink()
+    return Recovery(restored, gated, recorded, crashed)
+
+
 def record_run(layout: Layout, fp: Fingerprint, registered: dict[str, Any]) -> LastRun:
     """After a successful training run: its outputs in dvc.lock (so `dvc status` agrees), then what
     it was trained on and what it registered, as the workspace's last successful run."""
@@ -78,7 +194,9 @@ def retrain_if_stale(
 
     The nightly flow passes Prefect tasks as `check` and `record` (retries, task runs in the UI).
     `on_stale` hears the decision before training starts, so a run that fails still knows why it ran.
+    The caller holds the workspace's run lock; what a killed run left is recovered first.
     """
+    recover(layout, params, record)
     verdict = check(layout, params, force)
     if verdict.up_to_date:
         return Retraining(verdict)
@@ -90,8 +208,17 @@ def retrain_if_stale(
     # of flows.nightly, e.g. `radflow server start`) does not need.
     from flows.pipeline import training_pipeline
 
-    registered = training_pipeline(str(layout.root))
-    last = record(layout, verdict.fingerprint, registered)
+    _start_pending(layout, verdict.fingerprint)
+    try:
+        registered = training_pipeline(str(layout.root))
+        last = record(layout, verdict.fingerprint, registered)
+    except BaseException:
+        # A failure the process lived to see: Prefect has the flow run's state already.
+        pending = json.loads(_pending(layout).read_text())
+        write_text_atomic(_pending(layout), json.dumps(pending | {"failed": True}, indent=2))
+        raise
+    with suppress(FileNotFoundError):
+        _pending(layout).unlink()
     return Retraining(
         verdict, registered, last, gate.recorded_decision(layout, str(registered["model_version"]))
     )

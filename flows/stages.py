@@ -107,12 +107,39 @@ def test(layout: Layout, params: Params, progress: Progress | None = None) -> di
 
 
 def register(layout: Layout, params: Params, progress: Progress | None = None) -> Registered:
-    from flows import tracking
+    """Log and register the trained model; idempotent: when a version was already registered from
+    the same data version, code version and params, that version is the answer (and
+    reports/registration.json names it) instead of a duplicate."""
+    from dataclasses import replace
+
+    from flows import registry, tracking
+    from pipeline_steps.core.files import write_text_atomic
     from pipeline_steps.register import build_registration, read_lineage, read_results
 
     metrics, history = read_results(layout)
     lineage = read_lineage(layout, versioning.data_version(layout), versioning.data_git_rev(layout))
     registration = build_registration(params, lineage, versioning.code_version(), metrics, history)
+    registration = replace(
+        registration,
+        tags={**registration.tags, registry.CODE_HASH_TAG: versioning.current_code_hash()},
+    )
+    if tracking.store_exists(layout):
+        same = registry.find_same_registration(
+            registry.open_registry(layout, registration.model_name), registration.tags
+        )
+        if same is not None:
+            log.info(
+                "register: version %s was already registered from this data version, code "
+                "version and params (run %s); not registering a duplicate",
+                same.version,
+                same.run_id,
+            )
+            found = tracking.Registered(same.run_id, registration.model_name, same.version)
+            write_text_atomic(
+                layout.registration,
+                json.dumps(found.__dict__ | {"tags": same.tags}, indent=2),
+            )
+            return found
     registered = tracking.log_and_register(layout, registration, layout.model)
     try:
         _name_version_in_report(layout, registered)
@@ -150,11 +177,21 @@ def _name_version_in_report(layout: Layout, registered: Registered) -> None:
 def gate(layout: Layout, params: Params, progress: Progress | None = None) -> dict[str, object]:
     """The version just registered (reports/registration.json) becomes the candidate and faces
     production; reports/gate.json holds the decision, the ledger its record."""
-    from flows.gate import run_gate
+    from flows.gate import recorded_outcome, run_gate
 
     if not layout.registration.exists():
         raise DataError(f"{layout.registration}: missing. Run the `register` stage first.")
     registered = json.loads(layout.registration.read_text())
+    # A version registered before (the same data, code and params) keeps the decision it had.
+    recorded = recorded_outcome(layout, params, str(registered["model_version"]))
+    if recorded is not None:
+        log.info(
+            "gate: version %s was already decided (ledger row %s): %s",
+            registered["model_version"],
+            recorded["ledger_row"],
+            recorded.get("reason"),
+        )
+        return recorded
     outcome = run_gate(
         layout,
         params,
@@ -200,7 +237,12 @@ STAGES: dict[str, Stage] = {
             "register",
             register,
             "pipeline_steps.register",
-            ("flows.tracking", "flows.versioning", "pipeline_steps.core.report"),
+            (
+                "flows.tracking",
+                "flows.versioning",
+                "flows.registry",
+                "pipeline_steps.core.report",
+            ),
             retries=2,
             retry_delay_s=(5, 20),
         ),

@@ -8,6 +8,7 @@ tree. Either way `data_git_rev` names a commit whose `data/raw.dvc` holds the da
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -27,6 +28,12 @@ from pipeline_steps.core.layout import Layout
 
 # What the code version covers: a change under these paths makes the checkout `-dirty`.
 CODE_PATHS = ("pipeline_steps", "flows", "pyproject.toml")
+
+# The source files whose content is the code's identity (code_hash), beside the git code version.
+CODE_GLOBS = ("pipeline_steps/**/*.py", "flows/**/*.py", "pyproject.toml")
+# Names the code outright (e.g. an image tag or digest in a container deployment) instead of git and
+# the source files. Also what keeps a shared checkout that others are editing from looking changed.
+CODE_VERSION_ENV = "RADFLOW_CODE_VERSION"
 
 # radflow's own branch for data versions, in a repository radflow did not create.
 DATA_BRANCH = "radflow/data"
@@ -120,6 +127,25 @@ def code_version() -> str:
             return commit + ("-dirty" if dirty else "")
     version = f"radflow=={package_version()}"
     return version + (" (source tree without git)" if _editable_install() else "")
+
+
+def code_hash(root: Path) -> str:
+    """sha256 of the pipeline's source files (what `dvc repro` would see as code deps)."""
+    digest = hashlib.sha256()
+    files = sorted({p for pattern in CODE_GLOBS for p in root.glob(pattern) if p.is_file()})
+    for path in files:
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def current_code_hash() -> str:
+    """The code_hash of the running code: of RADFLOW_CODE_VERSION when it names the code, else of the
+    source files."""
+    pinned = os.environ.get(CODE_VERSION_ENV, "").strip()
+    if pinned:
+        return hashlib.sha256(pinned.encode()).hexdigest()[:16]
+    return code_hash(source_root())
 
 
 @contextmanager

@@ -1,15 +1,24 @@
-"""Workspaces: a git + DVC checkout holding params, data, MLflow store and reports side by side."""
+"""Workspaces: a git + DVC checkout holding params, data, MLflow store and reports side by side; and
+the training outputs of a run, kept aside until its registration succeeded."""
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from importlib import resources
 from pathlib import Path
+
+import yaml
 
 from flows import versioning
 from pipeline_steps.core.config import Params, load_params
 from pipeline_steps.core.errors import WorkspaceError
 from pipeline_steps.core.layout import Layout
+
+log = logging.getLogger("radflow")
 
 WORKSPACE_GITIGNORE = [
     "mlflow.db",
@@ -109,3 +118,131 @@ def init(path: Path) -> Layout:
             if line not in present:
                 fh.write(line + os.linesep)
     return layout
+
+
+# ---------------------------------------------------------------------------------------------
+# Training outputs: a failed run leaves the previous ones in place
+#
+# The train and test stages write their outs where dvc.yaml declares them (`dvc repro` and `radflow
+# step` need them there), each replaced atomically. A run through Prefect first links the previous
+# outs aside (hard links: no copy, and the stages replace rather than edit a file); when the run fails
+# before its registration succeeded they are put back, so `models/detector.keras` and `metrics.json`
+# always belong to a registered version (or to none, as before the first run). After a crash the next
+# run puts them back first (flows/retraining.recover).
+
+# The stages whose outs a run puts aside: what training produces and the registration that names it.
+OUTPUT_STAGES = ("train", "test", "register")
+_COMPLETE = ".complete"  # written last: a set-aside without it was cut short and is not restored
+
+
+def _aside(layout: Layout) -> Path:
+    # TODO(layout): a Layout property (core/layout.py) once its owner adds `previous_outputs`.
+    return layout.state / "previous_outputs"
+
+
+def training_outputs(layout: Layout) -> list[Path]:
+    """The outs and metrics of OUTPUT_STAGES as the workspace's dvc.yaml declares them."""
+    stages = (yaml.safe_load(layout.dvc_yaml.read_text()) or {}).get("stages") or {}
+    found: list[Path] = []
+    for name in OUTPUT_STAGES:
+        for kind in ("outs", "metrics"):
+            for entry in (stages.get(name) or {}).get(kind) or []:
+                rel = entry if isinstance(entry, str) else next(iter(entry))
+                path = layout.root / str(rel)
+                if path not in found:
+                    found.append(path)
+    return found
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def set_aside_outputs(layout: Layout) -> Path:
+    """Link the current training outputs aside (a folder under .radflow); returns it."""
+    aside = _aside(layout)
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir(parents=True)
+    for path in training_outputs(layout):
+        target = aside / path.relative_to(layout.root)
+        if path.is_dir():
+            shutil.copytree(path, target, copy_function=_link_or_copy, symlinks=True)
+        elif path.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(str(path), str(target))
+    (aside / _COMPLETE).touch()
+    return aside
+
+
+def has_set_aside(layout: Layout) -> bool:
+    return _aside(layout).exists()
+
+
+def registered_since_set_aside(layout: Layout) -> bool:
+    """Whether a registration happened after the outputs were set aside (reports/registration.json
+    is not the one set aside)."""
+    current = layout.registration
+    saved = _aside(layout) / current.relative_to(layout.root)
+    if not current.exists():
+        return False
+    return not saved.exists() or saved.read_bytes() != current.read_bytes()
+
+
+def restore_outputs(layout: Layout) -> list[str]:
+    """Put the set-aside outputs back (and remove outputs that did not exist before); the paths put
+    back, relative to the workspace. A set-aside that was cut short is dropped instead."""
+    aside = _aside(layout)
+    if not (aside / _COMPLETE).exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        return []
+    restored = []
+    for path in training_outputs(layout):
+        rel = path.relative_to(layout.root)
+        saved = aside / rel
+        if not saved.exists() and not path.exists():
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            with suppress(FileNotFoundError):
+                path.unlink()
+        if saved.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(saved, path)
+        restored.append(str(rel))
+    shutil.rmtree(aside, ignore_errors=True)
+    return restored
+
+
+def discard_set_aside(layout: Layout) -> None:
+    shutil.rmtree(_aside(layout), ignore_errors=True)
+
+
+@contextmanager
+def outputs_kept_until_registered(layout: Layout) -> Iterator[Callable[[], None]]:
+    """Set the training outputs aside for the block; it calls the yielded `registered()` once its
+    registration succeeded. Leaving the block by an exception before that puts them back."""
+    set_aside_outputs(layout)
+    done = False
+
+    def registered() -> None:
+        nonlocal done
+        discard_set_aside(layout)
+        done = True
+
+    try:
+        yield registered
+    except BaseException:
+        if not done:
+            restored = restore_outputs(layout)
+            log.warning(
+                "the run failed before its registration: the previous training outputs are back "
+                "in place (%s)",
+                ", ".join(restored) or "there were none",
+            )
+        raise
+    if not done:
+        discard_set_aside(layout)

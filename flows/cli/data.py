@@ -205,10 +205,11 @@ def _ensure_data(layout: Layout, params: Params) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows import retraining, versioning, workspace
+    from flows import retraining, servers, versioning, workspace
 
-    # A bad params.yaml fails here, before any work starts.
+    # A bad params.yaml, or a service that does not answer, fails here, before any work starts.
     layout, params = workspace.open_workspace(workspace_dir(args))
+    servers.check_reachable(mlflow=True, prefect=True, s3=True)
     with _run_lock(layout, "radflow run", args.no_wait):
         _ensure_data(layout, params)
         # Like `dvc repro`: nothing changed since the last successful run -> nothing to do.
@@ -264,9 +265,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_step(args: argparse.Namespace) -> int:
-    from flows import stages, workspace
+    from flows import servers, stages, workspace
 
     layout, params = workspace.open_workspace(workspace_dir(args))
+    # The stages that cannot do without the registry (extract_features goes on without a champion).
+    servers.check_reachable(mlflow=args.stage in ("register", "gate"), s3=args.stage == "register")
     with progress_bar(args.stage) as bar:
         result = stages.run_stage(args.stage, layout, params, bar)
     log.info(

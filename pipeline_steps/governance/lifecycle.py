@@ -173,6 +173,47 @@ def plan_transition(
     return Plan(tuple(moves), tuple(ops), dict(aliases), after)
 
 
+@dataclass(frozen=True)
+class GateDecision:
+    """The gate's latest decision on a version, as its ledger row records it."""
+
+    passed: bool
+    reason: str
+    ledger_row: int
+
+
+def promotion_requirements(
+    version: str,
+    to_stage: str,
+    gate: GateDecision | None,
+    validation_passed: str | None,
+    data_version: str = "?",
+) -> list[str]:
+    """What keeps `version` from `to_stage`; empty: nothing. Every stage past candidate needs the gate
+    to have decided on the version: a run that stopped between registering and gating leaves it
+    undecided, and it must not move on as if it had been judged. Production also needs a passed gate
+    and validated data (`validation_passed` is the version's tag, "true" when it passed)."""
+    stage = parse_lifecycle(to_stage)
+    if stage == "candidate":
+        return []
+    unmet = []
+    if gate is None:
+        unmet.append(
+            f"version {version} was never evaluated by the gate (its run stopped before the gate "
+            "decided; `radflow run` finishes that gate first)"
+        )
+    elif stage == "production" and not gate.passed:
+        unmet.append(
+            f"version {version} failed its gate (ledger row {gate.ledger_row}: {gate.reason})"
+        )
+    if stage == "production" and validation_passed != "true":
+        unmet.append(
+            f"the validation of its data version {data_version} did not pass (tag validation_passed="
+            f"{validation_passed or 'missing'})"
+        )
+    return unmet
+
+
 def replay(moves: Iterable[Move]) -> dict[str, str]:
     """Stage -> version after the moves, in order (the state the ledger says the registry is in)."""
     state: dict[str, str] = {}

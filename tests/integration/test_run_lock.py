@@ -44,6 +44,8 @@ def env() -> dict[str, str]:
         out.pop(name, None)
     # Others may edit this checkout while the test runs; the code must not look changed between runs.
     out["RADFLOW_CODE_VERSION"] = "run-lock-test-code"
+    # Prefect's temporary server can take longer than its default to start on a loaded machine.
+    out.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     return out
 
 

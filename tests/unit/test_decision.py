@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from flows.decision import Drift, Fingerprint, LastRun, code_hash, decide
+from flows.decision import Drift, Fingerprint, LastRun, decide
+from flows.versioning import code_hash
 
 FP = Fingerprint(
     data_version="aaaa.dir",

@@ -10,6 +10,7 @@ from pipeline_steps.gate import decide_gate, evaluate_gate, gate_metric, paired_
 from pipeline_steps.governance.lifecycle import (
     ARCHIVED,
     AliasOp,
+    GateDecision,
     Move,
     TagOp,
     TransitionError,
@@ -18,6 +19,7 @@ from pipeline_steps.governance.lifecycle import (
     parse_lifecycle,
     plan_transition,
     previous_production,
+    promotion_requirements,
     replay,
 )
 
@@ -101,6 +103,27 @@ def test_undoing_a_plan_restores_aliases_and_tags_exactly():
     assert live != aliases
     _apply(live, live_tags, [op.undo() for op in reversed(plan.ops)])
     assert live == aliases and live_tags == tags
+
+
+def test_a_version_the_gate_never_decided_on_goes_nowhere_past_candidate():
+    # A run killed between `register` and the gate leaves such a version: it was never judged.
+    for stage in ("staging", "production", "champion"):
+        unmet = promotion_requirements("4", stage, None, "true", "d.dir")
+        assert len(unmet) == 1 and "version 4 was never evaluated by the gate" in unmet[0]
+    assert promotion_requirements("4", "candidate", None, None) == []
+
+
+def test_production_needs_a_passed_gate_and_validated_data_staging_only_a_decision():
+    failed = GateDecision(False, "failed: ap50 0.10 < 0.20", 7)
+    passed = GateDecision(True, "passed", 9)
+    assert promotion_requirements("4", "staging", failed, "false") == []
+    assert promotion_requirements("4", "production", passed, "true") == []
+    unmet = promotion_requirements("4", "production", failed, "false", "d.dir")
+    assert unmet == [
+        "version 4 failed its gate (ledger row 7: failed: ap50 0.10 < 0.20)",
+        "the validation of its data version d.dir did not pass (tag validation_passed=false)",
+    ]
+    assert "validation_passed=missing" in promotion_requirements("4", "production", passed, None)[0]
 
 
 def test_replay_and_the_rollback_target():
