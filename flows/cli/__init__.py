@@ -18,7 +18,13 @@ from collections.abc import Sequence
 from importlib import metadata
 
 from flows.cli import data, nightly, predictions, registry
-from flows.cli.common import CommandParser, global_option_names
+from flows.cli.common import (
+    PHI_UMASK,
+    CommandParser,
+    global_option_names,
+    restrict_workspace,
+    workspace_dir,
+)
 from pipeline_steps.core.errors import RadflowError
 
 DESCRIPTION = (
@@ -97,9 +103,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for dest in global_option_names():
         if not hasattr(args, dest):
             setattr(args, dest, None)
-    _setup_environment()
+    # Owner-only files for everything this command and the tools it starts create (PHI_UMASK);
+    # the caller's umask is back when main returns (main also runs inside other processes, e.g. tests).
+    previous_umask = os.umask(PHI_UMASK)
     try:
+        _setup_environment()
+        restrict_workspace(workspace_dir(args))
         return int(args.func(args))
     except RadflowError as exc:
         print(f"radflow: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        os.umask(previous_umask)

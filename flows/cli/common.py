@@ -4,12 +4,27 @@ types."""
 from __future__ import annotations
 
 import argparse
+import configparser
+import logging
+import os
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from pipeline_steps.core.layout import Layout
+
+log = logging.getLogger("radflow.cli")
+
+# The umask every radflow command runs under (set by `main`, inherited by the DVC, git, MLflow and
+# Prefect processes it starts): what radflow and those tools create is readable by its owner only
+# (files 0600, folders 0700). The raw archive, the DVC cache and SR files hold the original DICOM
+# headers, patient identity included. DVC still marks its cache files 0444 (it re-hashes files of
+# any other mode on every status), so the cache's folders are what keep others out.
+PHI_UMASK = 0o077
 
 # The options every command takes, before or after its name (`radflow --workspace W models` and
 # `radflow models --workspace W`): defined once here, a parent of every parser. The default is
@@ -90,3 +105,44 @@ def instant(text: str) -> datetime:
             f"{text!r} is not an ISO-8601 time (e.g. 2026-11-23T14:00:00Z or 2026-11-23)"
         ) from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _dvc_cache_is_shared(layout: Layout) -> bool:
+    """Whether the workspace's DVC config shares the cache (`cache.shared`) or moves it
+    (`cache.dir`): then its modes are the owner's choice, and radflow leaves them alone."""
+    config = configparser.ConfigParser(strict=False, interpolation=None)
+    try:
+        config.read([layout.dvc_dir / "config", layout.dvc_dir / "config.local"])
+    except configparser.Error:
+        return True  # unreadable: do not guess
+    return config.has_option("cache", "shared") or config.has_option("cache", "dir")
+
+
+def restrict_workspace(root: Path) -> list[Path]:
+    """Make the patient-data folders of an existing workspace owner-only; the folders changed.
+
+    Workspaces made before radflow set PHI_UMASK have world-readable folders (0755) over the raw
+    archive, the DVC cache and radflow's state (landing staging and quarantine). Closing the top
+    folder of each is enough, since others can no longer reach anything below it: three chmod
+    calls, done whenever a command starts on a workspace. Folders that are links, or are not the
+    user's own, and a shared or relocated DVC cache are left as they are."""
+    layout = Layout(root)
+    candidates = [layout.raw, layout.state]
+    if layout.dvc_dir.is_dir() and not _dvc_cache_is_shared(layout):
+        candidates.append(layout.dvc_cache)
+    changed = []
+    for folder in candidates:
+        try:
+            info = folder.lstat()
+        except OSError:
+            continue
+        mode = stat.S_IMODE(info.st_mode)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or not mode & 0o077:
+            continue
+        try:
+            folder.chmod(mode & 0o700)
+        except OSError as exc:
+            log.warning("%s could not be made owner-only (%s)", folder, exc.strerror)
+            continue
+        changed.append(folder)
+    return changed
