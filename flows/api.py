@@ -353,6 +353,7 @@ class _Job:
         self.abandoned = False
         self.committing = False
         self.done = threading.Event()
+        self.record: dict[str, Any] | None = None  # set once the ledger holds it
 
     def claim_commit(self) -> bool:
         with self.lock:
@@ -454,6 +455,7 @@ def create_app(
                 raise RequestTimedOut
             # Recorded before it is returned: no ledger row, no answer.
             record_predictions(ledger, [record])
+            job.record = record
             return record
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -497,12 +499,15 @@ def create_app(
                         abandon_on_cancel=True,
                     )
             except TimeoutError:
-                if not job.abandon():  # the ledger write had begun: its answer is coming
-                    await anyio.to_thread.run_sync(job.done.wait)
+                if job.abandon():
+                    raise _timed_out(limits) from None
+                # The ledger write had begun at the deadline: answer what it recorded.
+                await anyio.to_thread.run_sync(job.done.wait)
+                if job.record is None:
                     raise HTTPException(
-                        503, "the prediction was recorded after its deadline; send it again"
+                        503, "prediction not recorded, so not returned: the ledger write failed"
                     ) from None
-                raise _timed_out(limits) from None
+                record = job.record
             except RequestTimedOut:
                 raise _timed_out(limits) from None
             except LedgerError as exc:

@@ -393,7 +393,7 @@ def test_requests_that_wait_together_share_a_forward_pass(model_and_data, tmp_pa
 # --------------------------------------------------------------------------------------------
 # Fuzzing: no input gets a 5xx or a server traceback
 
-FUZZ_EXAMPLES = int(os.environ.get("RADFLOW_FUZZ_EXAMPLES", "40"))
+FUZZ_EXAMPLES = int(os.environ.get("RADFLOW_FUZZ_EXAMPLES", "30"))
 _TEXT = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40)
 
 
