@@ -517,8 +517,9 @@ def _read_params_text(path: Path) -> str:
 
 
 def _parse_yaml(text: str, source: str) -> Any:
-    loader = _BoundedLoader(text)
+    loader: _BoundedLoader | None = None
     try:
+        loader = _BoundedLoader(text)  # it already rejects unprintable characters
         node = loader.get_single_node()
         if node is None:
             return None
@@ -535,7 +536,8 @@ def _parse_yaml(text: str, source: str) -> Any:
         # Well-formed YAML whose value cannot be built, e.g. the date 2026-02-30.
         raise ConfigError(f"{source}: not valid YAML (a value cannot be read: {exc})") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def load_params(path: Path) -> Params:
