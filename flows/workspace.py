@@ -124,8 +124,8 @@ def init(path: Path) -> Layout:
 # Training outputs: a failed run leaves the previous ones in place
 #
 # The train and test stages write their outs where dvc.yaml declares them (`dvc repro` and `radflow
-# step` need them there), each replaced atomically. A run through Prefect first links the previous
-# outs aside (hard links: no copy, and the stages replace rather than edit a file); when the run fails
+# step` need them there). A run through Prefect first copies the previous outs aside (copies, not
+# links: a stage that rewrote a file in place would change a linked copy too); when the run fails
 # before its registration succeeded they are put back, so `models/detector.keras` and `metrics.json`
 # always belong to a registered version (or to none, as before the first run). After a crash the next
 # run puts them back first (flows/retraining.recover).
@@ -154,25 +154,18 @@ def training_outputs(layout: Layout) -> list[Path]:
     return found
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def set_aside_outputs(layout: Layout) -> Path:
-    """Link the current training outputs aside (a folder under .radflow); returns it."""
+    """Copy the current training outputs aside (a folder under .radflow); returns it."""
     aside = _aside(layout)
     shutil.rmtree(aside, ignore_errors=True)
     aside.mkdir(parents=True)
     for path in training_outputs(layout):
         target = aside / path.relative_to(layout.root)
         if path.is_dir():
-            shutil.copytree(path, target, copy_function=_link_or_copy, symlinks=True)
+            shutil.copytree(path, target, symlinks=True)
         elif path.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            _link_or_copy(str(path), str(target))
+            shutil.copy2(path, target)
     (aside / _COMPLETE).touch()
     return aside
 
