@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import shutil
 import tempfile
@@ -64,6 +65,11 @@ class ApiLimits:
     max_batch: int = 16  # images per forward pass
     batch_wait_s: float = 0.002  # how long the first waiting request waits for company
     max_concurrency: int = 256  # open connections and tasks; uvicorn answers 503 beyond
+    # Requests screened, decoded and predicted at once; the others wait their turn, in order.
+    # Two per core keeps the model fed (one request prepares while another's pass runs) without
+    # dozens of threads sharing the cores and the GIL, where every request finishes as late as
+    # the last one and a burst runs past its deadlines together.
+    workers: int = field(default_factory=lambda: 2 * (os.cpu_count() or 1))
 
 
 class RequestTimedOut(Exception):
@@ -386,6 +392,7 @@ def create_app(
 ) -> FastAPI:
     served = ServedModel(model)
     batcher = MicroBatcher(served.lock, limits.max_batch, limits.batch_wait_s)
+    workers = anyio.CapacityLimiter(max(1, limits.workers))
 
     def prepare(loaded: LoadedModel) -> None:
         warm_up(loaded.detector, loaded.config.preprocess.input_size, limits.max_batch)
@@ -439,6 +446,8 @@ def create_app(
         scratch: Path, name: str, threshold: float | None, deadline: float, job: _Job
     ) -> dict[str, Any]:
         try:
+            if time.monotonic() > deadline:  # it waited its whole deadline for a worker
+                raise RequestTimedOut
             current = served.current
             cutoff = current.config.detection.score_threshold if threshold is None else threshold
             provenance = Provenance(current.ref, current.data_version, code_version)
@@ -497,6 +506,7 @@ def create_app(
                         deadline,
                         job,
                         abandon_on_cancel=True,
+                        limiter=workers,
                     )
             except TimeoutError:
                 if job.abandon():

@@ -105,6 +105,7 @@ def cmd_serve_api(args: argparse.Namespace) -> int:
         request_timeout_s=_env_number(args.request_timeout, "RADFLOW_API_REQUEST_TIMEOUT_S", 30),
         max_batch=args.batch_size,
         batch_wait_s=args.batch_wait_ms / 1000,
+        **({"workers": args.workers} if args.workers else {}),
     )
     layout, params = workspace.open_workspace(workspace_dir(args))
     api.serve(
@@ -293,6 +294,13 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         metavar="S",
         help="answer 408/504 when a request's upload or prediction takes longer "
         "(default: $RADFLOW_API_REQUEST_TIMEOUT_S, else 30)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="requests screened, decoded and predicted at once; the rest wait in order "
+        "(default: 2 per CPU core)",
     )
     p.add_argument(
         "--batch-size",

@@ -275,7 +275,7 @@ def test_a_chunked_body_is_cut_off_at_the_cap(api):
 
     def chunks():
         nonlocal sent
-        for _ in range(64):  # 4 MiB offered against a 1 MiB cap
+        for _ in range(1024):  # 64 MiB offered against a 1 MiB cap
             sent += 65536
             yield b"\0" * 65536
 
@@ -288,7 +288,8 @@ def test_a_chunked_body_is_cut_off_at_the_cap(api):
         assert "1048576 bytes" in reply.json()["detail"]
     except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError):
         pass  # the server closed the connection while more was offered: also a refusal
-    assert sent < 4 * 1024 * 1024  # the client was stopped before it sent everything
+    # the client was stopped long before it sent everything (loopback buffers hold a few MiB)
+    assert sent < 32 * 1024 * 1024
     assert _rows(api) == rows
     # and the multipart route has the same cap
     big = httpx.post(
@@ -344,6 +345,7 @@ def test_a_prediction_past_its_deadline_is_504_and_not_recorded(api, model_and_d
         f"{api.url}/predict", content=images[0].read_bytes(), headers={**DICOM, **AUTH}, timeout=30
     )
     assert after.status_code == 200, after.text
+    assert not api.errors.records, api.errors.text()  # the abandoned work left no traceback
 
 
 def test_screening_and_decoding_do_not_wait_for_the_model(api, model_and_data):
