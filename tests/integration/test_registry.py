@@ -167,7 +167,7 @@ def mlflow_server(tmp_path_factory):
         start_new_session=True,
     )
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc, 120, "mlflow server")
+        wait_http(f"http://127.0.0.1:{port}/health", proc, 300, "mlflow server")
         yield f"http://127.0.0.1:{port}", root
     finally:
         stop(proc)
@@ -184,13 +184,19 @@ def ws(mlflow_server, tmp_path_factory):
         yield layout, params
 
 
+def with_seed(params, seed: int):
+    """The params with another train.seed: another fingerprint, so another version."""
+    return params.model_copy(update={"train": params.train.model_copy(update={"seed": seed})})
+
+
 @pytest.fixture(scope="module")
 def registered(ws):
-    """Three versions of one model with identical weights (so a gate between them is a tie)."""
+    """Three versions of one model with identical weights (so a gate between them is a tie),
+    registered under three train seeds (the same seed again would be the same version)."""
     from flows import stages
 
     layout, params = ws
-    return [stages.register(layout, params) for _ in range(3)]
+    return [stages.register(layout, with_seed(params, seed)) for seed in (0, 1, 2)]
 
 
 @pytest.fixture
@@ -307,6 +313,29 @@ def test_registration_tags_lineage_signature_and_no_phi(registered, ws, mlflow_s
         if value.encode() in p.read_bytes()
     ]
     assert not leaks, leaks[:3]
+
+
+def test_registering_the_same_data_code_and_params_again_returns_the_existing_version(
+    registered, ws, mlflow_server
+):
+    from flows import stages
+    from tests.integration.conftest import registered_versions
+
+    layout, params = ws
+    uri, _ = mlflow_server
+    before = registered_versions(uri, MODEL)
+    again = stages.register(layout, with_seed(params, 1))
+    assert (again.model_version, again.run_id) == (
+        registered[1].model_version,
+        registered[1].run_id,
+    )
+    assert registered_versions(uri, MODEL) == before  # no duplicate
+    record = json.loads(layout.registration.read_text())
+    assert record["model_version"] == registered[1].model_version
+    assert record["run_id"] == registered[1].run_id
+    # The source hash is recorded too: with uncommitted code (a -dirty code version) it is part of
+    # the fingerprint, so other uncommitted code is another model.
+    assert len(record["tags"]["code_hash"]) == 16
 
 
 def test_a_validation_of_another_data_version_does_not_count(tmp_path):
@@ -515,6 +544,54 @@ def test_a_manual_promotion_needs_validated_data(fresh):
     assert reg.aliases() == {"staging": "1"}
 
 
+def test_a_version_the_gate_never_decided_on_cannot_be_promoted_unless_forced(fresh):
+    """What a run killed between `register` and the gate leaves: no gate decision. It is not promoted
+    as if it had been judged; --force still can, and the override is recorded."""
+    layout, _, reg = fresh
+    for stage in ("staging", "production"):
+        code, _, err = cli(layout, "promote", "2", "--to", stage, "--reason", "x")
+        assert code == 1, err
+        assert f"version 2 cannot go to {stage}: version 2 was never evaluated by the gate" in err
+        assert "--force" in err
+    assert reg.aliases() == {}
+    with ledger_of(layout) as ledger:
+        assert ledger.entries() == []
+    code, _, err = cli(layout, "promote", "2", "--to", "staging", "--reason", "x", "--force")
+    assert code == 0, err
+    assert reg.aliases() == {"staging": "2"}
+    with ledger_of(layout) as ledger:
+        (moved,) = ledger.entries(kind="transition")
+    assert (
+        moved.payload["forced"] and "never evaluated by the gate" in moved.payload["overridden"][0]
+    )
+
+
+def test_the_gate_stage_keeps_the_decision_a_version_already_has(fresh):
+    """A registration that returned an existing version must not gate it again (a version in
+    production would even be moved back to staging)."""
+    from flows import stages
+
+    layout, params, reg = fresh
+    record = json.loads(layout.registration.read_text())
+    version = record["model_version"]
+    try:
+        layout.registration.write_text(json.dumps(record | {"model_version": "1"}))
+        first = stages.gate(layout, params)
+        code, _, err = cli(layout, "promote", "1", "--to", "production", "--reason", "first")
+        assert code == 0, err
+        again = stages.gate(layout, params)
+    finally:
+        layout.registration.write_text(json.dumps(record | {"model_version": version}))
+    assert again["ledger_row"] == first["ledger_row"] and again["passed"] == first["passed"]
+    assert again["reason"] == first["reason"]
+    with ledger_of(layout) as ledger:
+        assert len(ledger.entries(kind="gate")) == 1  # one decision, made once
+    assert reg.aliases() == {"production": "1", "champion": "1"}
+    assert (
+        json.loads((layout.reports / "gate.json").read_text())["ledger_row"] == first["ledger_row"]
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input and faults
 
@@ -542,7 +619,8 @@ def test_an_unreachable_registry_is_a_clear_error(fresh, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
     code, _, err = cli(layout, "promote", "1", "--to", "staging", "--reason", "x")
-    assert code == 1 and "MLflow registry at http://127.0.0.1:" in err and "server is up" in err
+    assert code == 1 and f"MLFLOW_TRACKING_URI={os.environ['MLFLOW_TRACKING_URI']} is not " in err
+    assert "reachable (connection refused)" in err and "Nothing was done" in err
     with ledger_of(layout) as ledger:
         assert ledger.entries() == []
 
@@ -613,10 +691,15 @@ def test_a_stale_view_loses_the_race(fresh):
 
     layout, _, reg = fresh
     observed = reg.aliases()
+    # Forced: these versions were never gated, which is not what this test is about.
     with ledger_of(layout) as ledger:
-        registry.promote(reg, ledger, "1", "staging", actor="a", reason="a", observed=observed)
+        registry.promote(
+            reg, ledger, "1", "staging", actor="a", reason="a", observed=observed, force=True
+        )
         with pytest.raises(ConcurrentTransition, match="staging: - -> 1"):
-            registry.promote(reg, ledger, "2", "staging", actor="b", reason="b", observed=observed)
+            registry.promote(
+                reg, ledger, "2", "staging", actor="b", reason="b", observed=observed, force=True
+            )
         assert [e.payload["version"] for e in ledger.entries()] == ["1"]
     assert reg.aliases() == {"staging": "1"}
 
@@ -640,6 +723,7 @@ def _race(root: str, version: str, ready, go, results) -> None:
                 actor=f"p{version}",
                 reason="race",
                 observed=observed,
+                force=True,  # never gated, which is not what this test is about
             )
             results.put((version, "ok", ""))
         except Exception as exc:
