@@ -127,8 +127,10 @@ def restrict_workspace(root: Path) -> list[Path]:
     calls, done whenever a command starts on a workspace. Folders that are links, or are not the
     user's own, and a shared or relocated DVC cache are left as they are."""
     layout = Layout(root)
+    if not (layout.params_file.is_file() and layout.dvc_dir.is_dir()):
+        return []  # not a radflow workspace (e.g. `radflow synth` run in some folder): hands off
     candidates = [layout.raw, layout.state]
-    if layout.dvc_dir.is_dir() and not _dvc_cache_is_shared(layout):
+    if not _dvc_cache_is_shared(layout):
         candidates.append(layout.dvc_cache)
     changed = []
     for folder in candidates:

@@ -98,3 +98,24 @@ def test_an_older_workspace_is_tightened_when_a_command_starts_on_it(
         folder.chmod(0o755)
     radflow(layout.root, "models", "--json")  # any command on the workspace
     assert mode(layout.dvc_cache) == mode(layout.raw) == mode(layout.state) == 0o700
+
+
+def test_only_a_workspace_is_tightened_and_a_shared_dvc_cache_is_left_alone(tmp_path: Path) -> None:
+    from flows.cli.common import restrict_workspace
+
+    # a folder that merely has a data/raw is not a workspace: radflow leaves it alone
+    other = Layout(tmp_path / "other")
+    other.raw.mkdir(parents=True)
+    other.raw.chmod(0o755)
+    assert restrict_workspace(other.root) == [] and mode(other.raw) == 0o755
+
+    ws = Layout(tmp_path / "ws")
+    for folder in (ws.raw, ws.state, ws.dvc_cache):
+        folder.mkdir(parents=True)
+        folder.chmod(0o755)
+    ws.params_file.write_text("{}\n")
+    (ws.dvc_dir / "config").write_text("[cache]\n    shared = group\n    type = hardlink\n")
+    assert sorted(restrict_workspace(ws.root)) == sorted([ws.raw, ws.state])
+    assert mode(ws.dvc_cache) == 0o755  # shared on purpose, by the DVC config
+    (ws.dvc_dir / "config").write_text("[core]\n    analytics = false\n")
+    assert restrict_workspace(ws.root) == [ws.dvc_cache] and mode(ws.dvc_cache) == 0o700
