@@ -77,6 +77,7 @@ def mark_crashed_runs(layout: Layout) -> list[str]:
         FlowRunFilterStateType,
     )
     from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
     from prefect.runtime import flow_run as current
     from prefect.states import Crashed
 
@@ -92,6 +93,9 @@ def mark_crashed_runs(layout: Layout) -> list[str]:
             flow_run_filter=FlowRunFilter(
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
             ),
+            # Given explicitly: Prefect 3.8's sync client sends null for them, which its API refuses.
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=200,
         )
         for run in running:
             workspace = str((run.parameters or {}).get("workspace") or "")

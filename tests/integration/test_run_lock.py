@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -123,3 +124,108 @@ def test_two_runs_started_together_train_and_register_once(tmp_path):
     assert summary["model_version"] == "1" == outputs[trained[0]][0]["model_version"]
     assert f"waiting for the workspace's run lock, held by radflow run (pid {trained[0]} " in waited
     assert registered_versions(f"sqlite:///{ws / 'mlflow.db'}") == ["1"]
+
+
+def test_a_run_killed_right_after_register_is_gated_recorded_and_marked_crashed_by_the_next(
+    tmp_path,
+):
+    """`kill -9` between `register` and the gate's decision: the version is ungated (and cannot be
+    promoted), the flow run is left RUNNING. The next `radflow run` finishes that gate before
+    anything else, records the run (so nothing is trained again and no duplicate is registered) and
+    marks the flow run crashed."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    ws = new_workspace(tmp_path / "ws")
+    # One Prefect server that the killed run, the re-run and this test all talk to.
+    with prefect_test_harness(server_startup_timeout=300):
+        api = str(PREFECT_API_URL.value())
+        _kill_right_after_register(ws, api)
+        _check_recovery(ws, api)
+
+
+def _registered(ws: Path) -> bool:
+    try:
+        return bool(json.loads((ws / "reports" / "registration.json").read_text())["model_version"])
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _kill_right_after_register(ws: Path, api: str) -> None:
+    from pipeline_steps.governance.ledger import open_ledger
+    from tests.integration.conftest import wait_for
+
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "--workspace", str(ws), "run"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env() | {"PREFECT_API_URL": api},
+        start_new_session=True,
+    )
+    try:
+        wait_for(
+            lambda: killed.poll() is not None or _registered(ws),
+            timeout=1800,
+            what="the registration of the run to kill",
+            interval=0.02,
+        )
+        assert killed.poll() is None, "the run ended before it could be killed"
+        os.killpg(killed.pid, signal.SIGKILL)
+    finally:
+        if killed.poll() is None:
+            os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
+    with open_ledger(ws) as ledger:
+        assert ledger.entries(kind="gate") == [], "the gate decided before the kill"
+    assert registered_versions(f"sqlite:///{ws / 'mlflow.db'}") == ["1"]
+
+
+def _flow_runs(state: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        # sort and limit given: Prefect 3.8's sync client sends null for them, which its API refuses.
+        found = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=200)
+    return [r for r in found if r.state_type is not None and r.state_type.value == state]
+
+
+def _check_recovery(ws: Path, api: str) -> None:
+    from pipeline_steps.governance.ledger import open_ledger
+
+    stale = _flow_runs("RUNNING")
+    assert len(stale) == 1 and stale[0].parameters["workspace"] == str(ws)
+
+    # An ungated version cannot be promoted.
+    promote = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "--workspace", str(ws), "promote", "1"]
+        + ["--to", "staging", "--reason", "x"],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=300,
+    )
+    assert promote.returncode == 1
+    assert "version 1 was never evaluated by the gate" in promote.stderr
+
+    rerun = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "--workspace", str(ws), "run", "--json"],
+        capture_output=True,
+        text=True,
+        env=env() | {"PREFECT_API_URL": api},
+        timeout=1800,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert summary["model_version"] == "1" and "gate" not in summary  # not trained again
+    assert "finishing its gate first" in rerun.stderr
+    assert registered_versions(f"sqlite:///{ws / 'mlflow.db'}") == ["1"]  # no duplicate
+    with open_ledger(ws) as ledger:
+        (decided,) = ledger.entries(kind="gate")
+    assert decided.payload["version"] == "1"
+    last = json.loads((ws / ".radflow" / "last_run.json").read_text())
+    assert last["model_version"] == "1"
+    assert _flow_runs("RUNNING") == []
+    crashed = _flow_runs("CRASHED")
+    assert [r.id for r in crashed] == [stale[0].id]
+    assert "marked crashed by the next run" in (crashed[0].state.message or "")
