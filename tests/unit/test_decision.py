@@ -90,3 +90,79 @@ def test_the_reason_names_the_production_training_data_drift_was_judged_against(
         "drift: no (against the training data of production radflow-detector/3)" in verdict.reason
     )
     assert "drift: no reference" in decide(FP, LAST, Drift("no_reference", False), False).reason
+
+
+# --------------------------------------------------------------------------------------------
+# A failed run leaves the previous training outputs (flows/workspace.outputs_kept_until_registered)
+
+
+def _outputs_workspace(tmp_path):
+    """A workspace folder with dvc.yaml's train/test/register outs from an earlier run."""
+    import os
+
+    from flows.workspace import template
+    from pipeline_steps.core.layout import Layout
+
+    layout = Layout(tmp_path)
+    layout.dvc_yaml.write_bytes(template("dvc.yaml"))
+    layout.model.parent.mkdir(parents=True)
+    layout.model.write_bytes(b"model v1")
+    layout.metrics.write_text('{"ap50": 0.5}')
+    layout.plots.mkdir(parents=True)
+    (layout.plots / "froc.png").write_bytes(b"png v1")
+    os.chmod(layout.model, 0o444)  # as DVC leaves a cached out
+    return layout
+
+
+def _rewrite_outputs(layout) -> None:
+    """What the stages of a new run do: the model replaced, metrics.json rewritten in place (as the
+    test stage writes it), a plot folder replaced, a registration record added."""
+    import os
+
+    tmp = layout.model.with_name(".new.keras")
+    tmp.write_bytes(b"model v2")
+    os.replace(tmp, layout.model)
+    with layout.metrics.open("w") as fh:
+        fh.write('{"ap50": 0.1}')
+    (layout.plots / "froc.png").unlink()
+    (layout.plots / "pr.png").write_bytes(b"png v2")
+
+
+def test_a_run_that_fails_before_registering_leaves_the_previous_outputs(tmp_path):
+    import pytest
+
+    from flows.workspace import has_set_aside, outputs_kept_until_registered
+
+    layout = _outputs_workspace(tmp_path)
+    with pytest.raises(RuntimeError, match="registry down"), outputs_kept_until_registered(layout):
+        _rewrite_outputs(layout)
+        raise RuntimeError("registry down")
+    assert layout.model.read_bytes() == b"model v1"
+    assert layout.metrics.read_text() == '{"ap50": 0.5}'  # although rewritten in place
+    assert sorted(p.name for p in layout.plots.iterdir()) == ["froc.png"]
+    assert not layout.registration.exists() and not has_set_aside(layout)
+
+
+def test_a_registered_run_keeps_its_outputs_and_a_killed_one_is_put_back_by_the_next(tmp_path):
+    from flows.workspace import (
+        has_set_aside,
+        outputs_kept_until_registered,
+        registered_since_set_aside,
+        restore_outputs,
+        set_aside_outputs,
+    )
+
+    layout = _outputs_workspace(tmp_path)
+    with outputs_kept_until_registered(layout) as registered:
+        _rewrite_outputs(layout)
+        layout.registration.write_text('{"model_version": "2"}')
+        registered()
+    assert layout.model.read_bytes() == b"model v2" and not has_set_aside(layout)
+
+    # A run killed after training, before registering: its set-aside stays behind...
+    set_aside_outputs(layout)
+    layout.model.write_bytes(b"model v3")
+    assert has_set_aside(layout) and not registered_since_set_aside(layout)
+    # ...and the next run puts the registered outputs back.
+    assert "models/detector.keras" in restore_outputs(layout)
+    assert layout.model.read_bytes() == b"model v2" and not has_set_aside(layout)
