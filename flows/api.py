@@ -134,11 +134,15 @@ class MicroBatcher(threading.Thread):
         live = [p for p in group if p.future.set_running_or_notify_cancel()]  # skip timed-out ones
         if not live:
             return
+        batch = np.concatenate([p.batch for p in live])
+        n = len(batch)
+        padded = padded_size(n)
+        if padded > n:
+            filler = np.zeros((padded - n, *batch.shape[1:]), batch.dtype)
+            batch = np.concatenate([batch, filler])
         try:
             with self.lock:
-                out = np.asarray(
-                    live[0].model.predict_on_batch(np.concatenate([p.batch for p in live]))
-                )
+                out = np.asarray(live[0].model.predict_on_batch(batch))[:n]
         except Exception as exc:  # noqa: BLE001 - handed to each caller, who reports it
             for p in live:
                 p.future.set_exception(exc)
@@ -175,9 +179,17 @@ class BatchedModel:
             raise RequestTimedOut from None
 
 
+def padded_size(n: int) -> int:
+    """The batch size a pass of n images runs at: the next power of two. Keras compiles the
+    predict function (with XLA where the model says so) once per input shape; a few fixed sizes,
+    compiled at start-up, keep that compilation out of the requests' time."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def warm_up(model: Any, input_size: int, max_batch: int) -> None:
-    """Trace the model's predict function for a varying batch size before serving with it."""
-    for n in sorted({1, 2, 3, max(1, max_batch)}):
+    """Compile the model's predict function for every batch size it will run at."""
+    sizes = sorted({padded_size(n) for n in range(1, max(1, max_batch) + 1)})
+    for n in sizes:
         model.predict_on_batch(np.zeros((n, input_size, input_size, 1), np.float32))
 
 
