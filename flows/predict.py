@@ -5,6 +5,10 @@ The model is resolved in the registry (a stage's alias or a version number) and 
 reading, screening and inference are `pipeline_steps/serving/prediction.py`, i.e. the training
 code's own reader and transforms. Per chunk: predict, append to the ledger (one transaction), then
 write the lines; the JSONL file appears under its name only when the whole batch is done.
+
+Prefect's database keeps every flow run's parameters, and a path may name a patient: the flow's
+parameters are a job id, the number of images and the options, never a path. The paths (inputs,
+outputs, workspace) stay in this process, in the `BatchJob` the flow is built around.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from prefect import flow, get_run_logger, task
+from prefect import Flow, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.registry import open_registry
@@ -42,6 +46,7 @@ from pipeline_steps.serving.prediction import (
     ModelRef,
     Provenance,
     ledger_payload,
+    new_prediction_id,
     predict_batch,
 )
 from pipeline_steps.serving.serving import ServingConfig
@@ -170,7 +175,19 @@ def write_reports(
 
 
 @dataclass(frozen=True)
+class BatchJob:
+    """What one `radflow predict` reads and writes. Kept out of the flow's parameters (Prefect stores
+    them in its database) because a path may name a patient."""
+
+    workspace: Path
+    files: tuple[Path, ...]
+    out: Path
+    sr_out: Path | None
+
+
+@dataclass(frozen=True)
 class BatchSummary:
+    job: str  # the flow run's `job` parameter
     out: str
     images: int
     predicted: int
@@ -207,7 +224,6 @@ predict_task = task(name="predict", cache_policy=NO_CACHE)(predict_batch)
 record_task = task(name="record_predictions", cache_policy=NO_CACHE)(record_predictions)
 
 
-@flow(name="batch_prediction", log_prints=True)
 def batch_prediction(
     workspace: str,
     source: str,
@@ -218,17 +234,65 @@ def batch_prediction(
     sr_out: str | None = None,
     progress_bar: bool = False,
 ) -> dict[str, Any]:
+    """Run the Prefect flow `batch_prediction` over `source` (a file, or every file under a folder;
+    records name each image by the path as given). Its parameters are a job id, the number of
+    images and the options; the paths reach it only inside this process."""
+    job = BatchJob(
+        Path(workspace),
+        tuple(list_inputs(Path(source))),
+        Path(out),
+        Path(sr_out) if sr_out else None,
+    )
+    return batch_flow(job)(
+        job=new_prediction_id(),
+        images=len(job.files),
+        stage=stage,
+        version=version,
+        threshold=threshold,
+        sr_out=job.sr_out is not None,
+        progress_bar=progress_bar,
+    )
+
+
+def batch_flow(batch: BatchJob) -> Flow[..., dict[str, Any]]:
+    """The flow `batch_prediction` over `batch`, which it holds rather than takes as parameters."""
+
+    def run(
+        job: str,
+        images: int,
+        stage: str | None = None,
+        version: str | None = None,
+        threshold: float | None = None,
+        sr_out: bool = False,
+        progress_bar: bool = False,
+    ) -> dict[str, Any]:
+        if images != len(batch.files) or sr_out != (batch.sr_out is not None):
+            raise DataError(f"batch_prediction {job}: the parameters do not describe its job")
+        return _predict_files(batch, job, stage, version, threshold, progress_bar)
+
+    return flow(name="batch_prediction", log_prints=True)(run)
+
+
+def _predict_files(
+    batch: BatchJob,
+    job: str,
+    stage: str | None,
+    version: str | None,
+    threshold: float | None,
+    progress_bar: bool,
+) -> dict[str, Any]:
     from pipeline_steps.core.deid import pseudonym_key
 
     key = pseudonym_key().secret  # first: without a usable key nothing is loaded or written
-    layout, params = open_workspace(Path(workspace))
-    files = list_inputs(Path(source))
+    layout, params = open_workspace(batch.workspace)
+    files = list(batch.files)
     model = load_model_task(layout, params, stage=stage, version=version)
     cutoff = model.config.detection.score_threshold if threshold is None else float(threshold)
     provenance = Provenance(model.ref, model.data_version, code_version())
     logger = get_run_logger()
     logger.info(
-        "batch_prediction: %d file(s) with %s version %s (%s), threshold %.3f",
+        "batch_prediction %s: %d file(s) with %s version %s (%s), threshold %.3f",
+        job,
         len(files),
         model.ref.name,
         model.ref.version,
@@ -240,7 +304,7 @@ def batch_prediction(
     predicted = failed = boxes = reports = 0
     first = last = None
     started = time.monotonic()
-    with open_ledger(layout.root) as ledger, jsonl_sink(Path(out)) as sink:
+    with open_ledger(layout.root) as ledger, jsonl_sink(batch.out) as sink:
         for start in range(0, len(files), CHUNK):
             chunk = files[start : start + CHUNK]
             records = predict_task(
@@ -257,8 +321,8 @@ def batch_prediction(
             last = seq
             for record in records:
                 sink.write(json.dumps(record, sort_keys=True) + "\n")
-            if sr_out:
-                reports += write_reports(records, chunk, model.ref, Path(sr_out))
+            if batch.sr_out is not None:
+                reports += write_reports(records, chunk, model.ref, batch.sr_out)
             failed += sum("error" in r for r in records)
             predicted += sum("error" not in r for r in records)
             boxes += sum(len(r["boxes"]) for r in records)
@@ -268,7 +332,8 @@ def batch_prediction(
     if bar is not None:
         bar.close()
     summary = BatchSummary(
-        out=str(out),
+        job=job,
+        out=str(batch.out),
         images=len(files),
         predicted=predicted,
         failed=failed,
@@ -279,8 +344,9 @@ def batch_prediction(
         seconds=round(time.monotonic() - started, 3),
     )
     logger.info(
-        "batch_prediction: %d predicted, %d failed, %d box(es) in %.1f s (%.1f images/s); "
+        "batch_prediction %s: %d predicted, %d failed, %d box(es) in %.1f s (%.1f images/s); "
         "ledger rows %s",
+        job,
         predicted,
         failed,
         boxes,

@@ -1,8 +1,14 @@
 """The one DICOM reader shared by validation, preprocessing and prediction: opening damaged files,
-scanning headers without pixels, decoding pixels through the Modality LUT. Tag values: dicom_tags."""
+scanning headers without pixels, decoding pixels through the Modality LUT. Tag values: dicom_tags.
+
+Files and in-memory bytes (an upload, a served request) go through the same reader. What a header
+may declare is bounded (`dicom_limits`), and the bound is checked from the header before any pixel
+data is decompressed: by screening for every input, and again here before decoding.
+"""
 
 from __future__ import annotations
 
+import io
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +27,11 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from pipeline_steps.core.dicom_limits import (
+    codestream_mismatch,
+    deflate_bomb,
+    pixel_module_problem,
+)
 from pipeline_steps.core.dicom_tags import (
     GRAYSCALE,
     HeaderValueError,
@@ -53,7 +64,8 @@ _MAX_FRAGMENTS = 100_000  # beyond this the fragment walk is left to the decoder
 
 
 class UnreadableDicom(DataError):
-    """A file that cannot be read as DICOM at all; `reason` is `not_dicom` or `corrupt`."""
+    """A file that cannot be read as DICOM at all; `reason` is `not_dicom`, `corrupt` or
+    `too_large` (a deflated dataset that would inflate past MAX_INFLATED_BYTES)."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -106,6 +118,9 @@ def _starts_with_dataset(head: bytes) -> bool:
 
 def _open_dataset(fh: BinaryIO, name: str, **read_kwargs: object) -> tuple[Dataset, bool]:
     """dcmread, falling back to force=True only for files that begin like a DICOM dataset."""
+    bomb = deflate_bomb(fh)
+    if bomb:
+        raise UnreadableDicom("too_large", f"{name}: {bomb}")
     head = fh.read(132)
     fh.seek(0)
     try:
@@ -333,17 +348,29 @@ def scan_header(path: Path) -> Header:
         raise UnreadableDicom(
             "corrupt", f"{path.name}: cannot be opened ({type(exc).__name__})"
         ) from None
-    with fh, values_unvalidated():
-        ds, forced = _open_dataset(fh, path.name, stop_before_pixels=True)
+    with fh:
+        return _scan(fh, size, path.name)
+
+
+def scan_bytes(data: bytes, name: str) -> Header:
+    """`scan_header` for a DICOM held in memory (an upload, a served request); `name` is what
+    messages call it."""
+    with io.BytesIO(data) as fh:
+        return _scan(fh, len(data), name)
+
+
+def _scan(fh: BinaryIO, size: int, name: str) -> Header:
+    with values_unvalidated():
+        ds, forced = _open_dataset(fh, name, stop_before_pixels=True)
         try:
-            return _inspect(fh, ds, size, forced, path.name)
+            return _inspect(fh, ds, size, forced, name)
         except UnreadableDicom:
             raise
         except Exception as exc:
             # pydicom converts values lazily, so a damaged element (an unknown VR, say) raises on
             # first use, with any exception type. Only the type is reported: the text may quote values.
             raise UnreadableDicom(
-                "corrupt", f"{path.name}: header cannot be interpreted ({type(exc).__name__})"
+                "corrupt", f"{name}: header cannot be interpreted ({type(exc).__name__})"
             ) from None
 
 
@@ -366,6 +393,15 @@ def read_image(path: Path, default_spacing_mm: float, *, hash_pixels: bool = Tru
         except OSError as exc:
             raise DataError(f"{path.name}: cannot be opened ({type(exc).__name__})") from None
         return decode_dataset(ds, path.name, default_spacing_mm, hash_pixels=hash_pixels)
+
+
+def read_image_bytes(
+    data: bytes, name: str, default_spacing_mm: float, *, hash_pixels: bool = True
+) -> DicomImage:
+    """`read_image` for a DICOM held in memory; `name` is what messages call it."""
+    with values_unvalidated(), io.BytesIO(data) as fh:
+        ds, _ = _open_dataset(fh, name)
+        return decode_dataset(ds, name, default_spacing_mm, hash_pixels=hash_pixels)
 
 
 def decode_dataset(
@@ -399,7 +435,18 @@ def _decode(
             f"{name}: not a single-frame grayscale image ({photometric or '?'}, "
             f"{samples} samples, {frames} frames)"
         )
+    # Screening refuses these from the header already; the reader holds the same line for callers
+    # that decode without screening (preprocess), so no decoder ever sees an unbounded frame.
+    try:
+        refused = pixel_module_problem(ds)
+    except HeaderValueError as exc:
+        raise DataError(f"{name}: {exc}") from None
+    if refused is not None:
+        raise DataError(f"{name}: {refused[1]}")
     syntax, inferred = _transfer_syntax(ds)
+    mismatch = codestream_mismatch(ds, syntax)
+    if mismatch:
+        raise DataError(f"{name}: {mismatch}")
     if inferred and syntax:
         # pydicom decodes only with a declared syntax; a file without one was read natively, so say so.
         ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()

@@ -1,6 +1,8 @@
-"""Header screening shared by ingestion, validation, batch prediction and the API: which files are
-usable chest radiographs (reason codes for the rest), and the de-identified metadata row of each.
-Raw identifiers never leave this module: they become keyed pseudonyms here."""
+"""Header screening shared by ingestion, validation and every prediction path (batch, the API, the
+served MLflow model): which files are usable chest radiographs (reason codes for the rest), and the
+de-identified metadata row of each. Raw identifiers never leave this module: they become keyed
+pseudonyms here. Screening reads headers only: an image that declares more than the reader's limits
+(`dicom_limits.MAX_FRAME_PIXELS`, `MAX_FRAME_BYTES`) is refused here, before anything decodes it."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pydicom.uid import UID
 from pipeline_steps.core.config import IngestParams
 from pipeline_steps.core.deid import age_in_years, pseudonym
 from pipeline_steps.core.dicom_io import Header, UnreadableDicom, scan_header
+from pipeline_steps.core.dicom_limits import pixel_module_problem
 from pipeline_steps.core.dicom_tags import (
     GRAYSCALE,
     HeaderValueError,
@@ -80,6 +83,7 @@ REASONS = (
     "burned_in_annotation",
     "too_small",
     "no_decoder",
+    "too_large",  # more pixels or bytes per frame than the reader's limits (checked before decoding)
 )
 NON_IMAGE_MODALITIES = {
     "RTPLAN",
@@ -183,9 +187,11 @@ def reject_reason(
     frames = int_tag(ds, "NumberOfFrames", 1) or 1
     samples = int_tag(ds, "SamplesPerPixel", 1) or 1
     bits_stored = int_tag(ds, "BitsStored", 0) or 0
-    int_tag(ds, "BitsAllocated")
-    if rows <= 0 or cols <= 0:
-        return "corrupt", f"Rows x Columns {rows}x{cols} describes no image"
+    # Impossible pixel-module values (BitsAllocated 0 or 12, say) and frames beyond the limits:
+    # refused from the header, so no decoder is ever handed them.
+    verdict = pixel_module_problem(ds)
+    if verdict is not None:
+        return verdict
     problem = rescale_problem(ds)
     if problem:
         return "corrupt", problem

@@ -1,12 +1,21 @@
 """Predictions as audit records: a DICOM goes through ingestion's checks, de-identification and the
 training transforms, and comes out as one self-describing record (and a PHI-free ledger payload).
 
+The serving rule, shared by `radflow predict`, `radflow serve-api` and the MLflow pyfunc: an input
+is DICOM bytes (a file only where the caller explicitly reads files: the batch flow over the files
+it was given, a served model with RADFLOW_SERVING_INPUT_DIR set); it is screened by ingestion's
+rule (same reason codes, size limits from the header) before anything decodes it; then predicted;
+and the caller writes the records to the ledger before it answers.
+
 Plain functions over a loaded Keras model; reading the registry, writing JSONL or the ledger is the
-job of `flows/predict.py` and `flows/api.py`.
+job of `flows/predict.py`, `flows/api.py` and `pyfunc.py`.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -19,7 +28,13 @@ import numpy as np
 
 from pipeline_steps.core.config import IngestParams
 from pipeline_steps.core.deid import image_id_for, pseudonym
-from pipeline_steps.core.dicom_io import DicomImage, UnreadableDicom, scan_header
+from pipeline_steps.core.dicom_io import (
+    DicomImage,
+    UnreadableDicom,
+    read_image_bytes,
+    scan_bytes,
+    scan_header,
+)
 from pipeline_steps.core.dicom_io import read_image as read_dicom_image
 from pipeline_steps.core.dicom_tags import HeaderValueError
 from pipeline_steps.core.errors import DataError
@@ -45,6 +60,11 @@ RECORD_KEYS = (
     "created_at",
 )
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+# A served value names a file only with this prefix (":" is not base64, so nothing is ambiguous),
+# and only where reading files was switched on for the server.
+FILE_PREFIX = "file:"
+# Reason codes of the input rule, beside ingestion's (screening.REASONS) and `decode_failed`.
+INPUT_REASONS = ("not_base64", "path_not_allowed", "not_found")
 
 
 class InputRejected(DataError):
@@ -91,6 +111,19 @@ class Screened:
     sop_instance_uid_hash: str
 
 
+# An input as a predictor takes it: a local file (the batch flow's own inputs), DICOM bytes, or an
+# input already refused by the input rule (it becomes its error record, in its place).
+Source = Path | bytes | InputRejected
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One input's record, and the size of its decoded image (None when it was refused)."""
+
+    record: dict[str, Any]
+    shape: tuple[int, int] | None
+
+
 # --------------------------------------------------------------------------------------------
 # Identifiers
 
@@ -118,33 +151,94 @@ def utc_now() -> str:
 # Reading: ingestion's verdict first, then the training reader
 
 
-def read_input(path: Path, ingest: IngestParams, key: str) -> Screened:
-    """Screen `path` as ingestion does (same reason codes) and decode it as training does.
+def read_input(
+    source: Path | bytes, ingest: IngestParams, key: str, *, name: str | None = None
+) -> Screened:
+    """Screen `source` (a file, or DICOM bytes) as ingestion does (same reason codes, the header's
+    size limits included) and only then decode it as training does. `name` is what messages call
+    the input (a file's name by default). Without `key` the UID hash is left empty.
 
     Raises InputRejected with the ingestion reason code (or `decode_failed`).
     """
     from pipeline_steps.core.screening import reject_reason
 
+    label = name or (source.name if isinstance(source, Path) else "input")
+    if isinstance(source, bytes | bytearray) and not source:
+        raise InputRejected("not_dicom", f"{label}: holds no bytes")
     try:
-        header = scan_header(path)
+        header = scan_header(source) if isinstance(source, Path) else scan_bytes(source, label)
         verdict = reject_reason(header.dataset, ingest, header=header)
         uid = str(header.dataset.get("SOPInstanceUID", "") or "")
     except UnreadableDicom as exc:
         raise InputRejected(exc.reason, str(exc)) from None
     except HeaderValueError as exc:
-        raise InputRejected("corrupt", f"{path.name}: {exc}") from None
+        raise InputRejected("corrupt", f"{label}: {exc}") from None
+    except Exception as exc:  # a header value nobody anticipated costs this input, not the batch
+        raise InputRejected(
+            "corrupt", f"{label}: header cannot be interpreted ({type(exc).__name__})"
+        ) from None
     if verdict is not None:
         reason, message = verdict
-        raise InputRejected(reason, f"{path.name}: {message}")
+        raise InputRejected(reason, f"{label}: {message}")
     try:
-        image = read_dicom_image(path, ingest.default_spacing_mm)
+        if isinstance(source, Path):
+            image = read_dicom_image(source, ingest.default_spacing_mm)
+            digest = file_sha256(source)
+        else:
+            image = read_image_bytes(bytes(source), label, ingest.default_spacing_mm)
+            digest = hashlib.sha256(source).hexdigest()
     except DataError as exc:
         raise InputRejected("decode_failed", str(exc)) from None
     return Screened(
         image=image,
-        file_sha256=file_sha256(path),
-        sop_instance_uid_hash=uid_hash(uid, key) if uid else "",
+        file_sha256=digest,
+        sop_instance_uid_hash=uid_hash(uid, key) if uid and key else "",
     )
+
+
+def served_source(value: object, name: str, *, input_dir: Path | None = None) -> Source:
+    """What a served request's value stands for, by the input rule: bytes, or base64 text of them;
+    `file:PATH` only when `input_dir` is given (batch scoring), and only for a regular file inside
+    it (symbolic links are followed, so one pointing outside is refused). The filesystem is never
+    looked at otherwise, so every path gets the same answer whether or not it exists. Never raises:
+    a refused value comes back as its InputRejected."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if not isinstance(value, str):
+        return InputRejected(
+            "not_base64", f"{name}: a {type(value).__name__}, not base64-encoded DICOM bytes"
+        )
+    text = value.strip()
+    if text[: len(FILE_PREFIX)].lower() == FILE_PREFIX:
+        return _local_file(text[len(FILE_PREFIX) :], name, input_dir)
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        return InputRejected(
+            "not_base64",
+            f"{name}: not base64-encoded DICOM bytes (a served model reads no files: send the "
+            "file's bytes)",
+        )
+
+
+def _local_file(text: str, name: str, input_dir: Path | None) -> Source:
+    refused = InputRejected(
+        "path_not_allowed",
+        f"{name}: this server reads no files outside its input folder (RADFLOW_SERVING_INPUT_DIR, "
+        "for batch scoring only); send the DICOM's bytes",
+    )
+    if input_dir is None or not text or "\x00" in text or len(text) > 4096:
+        return refused
+    root = input_dir.resolve()
+    try:
+        path = (root / text).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return refused
+    if not path.is_relative_to(root):
+        return refused
+    if not path.is_file():
+        return InputRejected("not_found", f"{name}: no such file in the input folder")
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,9 +318,9 @@ def membership(record: Mapping[str, Any], manifest: Mapping[str, str]) -> str | 
 # One batch
 
 
-def predict_batch(
+def predict_inputs(
     model: keras.Model,
-    inputs: Sequence[tuple[str, Path]],
+    inputs: Sequence[tuple[str, Source]],
     config: ServingConfig,
     ingest: IngestParams,
     provenance: Provenance,
@@ -235,21 +329,23 @@ def predict_batch(
     key: str,
     new_id: Callable[[], str] = new_prediction_id,
     clock: Callable[[], str] = utc_now,
-) -> list[dict[str, Any]]:
-    """One record per (given name, path), in input order: boxes, or `error` and `reason`.
-
-    A file that cannot be read yields its error record and the others go on.
-    """
-    records: list[dict[str, Any] | None] = [None] * len(inputs)
+) -> list[Outcome]:
+    """One outcome per (given name, source), in input order: a record with boxes, or with `error`
+    and `reason`. An input that is refused or cannot be read yields its error record and the
+    others go on; every one is screened before it is decoded."""
+    outcomes: list[Outcome | None] = [None] * len(inputs)
     readable: list[tuple[int, Screened]] = []
-    for i, (name, path) in enumerate(inputs):
+    for i, (name, source) in enumerate(inputs):
         try:
-            readable.append((i, read_input(path, ingest, key)))
+            if isinstance(source, InputRejected):
+                raise source
+            readable.append((i, read_input(source, ingest, key, name=name)))
         except InputRejected as exc:
-            records[i] = error_record(new_id(), name, exc.reason, str(exc), provenance, clock())
+            record = error_record(new_id(), name, exc.reason, str(exc), provenance, clock())
+            outcomes[i] = Outcome(record, None)
     found = detect(model, [s.image for _, s in readable], config, threshold)
     for (i, screened), boxes in zip(readable, found, strict=True):
-        records[i] = build_record(
+        record = build_record(
             new_id(),
             inputs[i][0],
             screened,
@@ -259,4 +355,34 @@ def predict_batch(
             clock(),
             config.label,
         )
-    return [r for r in records if r is not None]
+        rows, cols = screened.image.pixels.shape
+        outcomes[i] = Outcome(record, (int(rows), int(cols)))
+    return [o for o in outcomes if o is not None]
+
+
+def predict_batch(
+    model: keras.Model,
+    inputs: Sequence[tuple[str, Source]],
+    config: ServingConfig,
+    ingest: IngestParams,
+    provenance: Provenance,
+    *,
+    threshold: float,
+    key: str,
+    new_id: Callable[[], str] = new_prediction_id,
+    clock: Callable[[], str] = utc_now,
+) -> list[dict[str, Any]]:
+    """One record per (given name, source), in input order: boxes, or `error` and `reason`
+    (`predict_inputs` without the image sizes)."""
+    outcomes = predict_inputs(
+        model,
+        inputs,
+        config,
+        ingest,
+        provenance,
+        threshold=threshold,
+        key=key,
+        new_id=new_id,
+        clock=clock,
+    )
+    return [o.record for o in outcomes]

@@ -1,20 +1,18 @@
-"""The served model's inference path as plain functions: DICOM path or bytes in, boxes in original pixels out.
+"""The served model's inference path as plain functions: a decoded DICOM in, boxes in original pixels out.
 
 Pre- and post-processing are the training code's own functions (`dicom_io.read_image`,
 `transforms.plan_geometry`/`preprocess_image`, `detector.predict_boxes`, `Geometry.inverse`), so an image
-gives the same tensor here as in its training shard. `pyfunc.py` wraps this for MLflow.
+gives the same tensor here as in its training shard. Which inputs get this far (screening, the input
+rule) is `prediction.py`; `pyfunc.py` wraps both for MLflow.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 import json
-import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,8 +20,7 @@ import pandas as pd
 
 from pipeline_steps.core.config import DetectionParams, IngestParams, PreprocessParams
 from pipeline_steps.core.detector import predict_boxes
-from pipeline_steps.core.dicom_io import DicomImage, read_image
-from pipeline_steps.core.errors import DataError
+from pipeline_steps.core.dicom_io import DicomImage
 from pipeline_steps.core.labels import RSNA_LABEL
 from pipeline_steps.core.shards import QUANT
 from pipeline_steps.core.transforms import Geometry, plan_geometry, preprocess_image
@@ -33,14 +30,14 @@ if TYPE_CHECKING:
 
 INPUT_COLUMN = "dicom"
 BOX_KEYS = ("x_min", "y_min", "x_max", "y_max", "score")
-OUTPUT_COLUMNS = ("boxes", "image_sha256", "rows", "columns", "error")
 DETECTOR_ARTIFACT = "detector"
 CONFIG_ARTIFACT = "config"
 # The preprocess keys that change pixels (as in preprocess.pixel_params_hash): an older model keeps
 # loading when unrelated preprocess options are added or removed later.
 PIXEL_KEYS = ("input_size", "target_spacing_mm", "window", "percentiles")
-_MAX_PATH_CHARS = 4096
-_CHUNK = 16  # images decoded and held at once
+# The ingest keys that decide which images are screened in (screening.reject_reason): a served
+# model applies the rule of the data it was trained on.
+SCREENING_KEYS = ("allowed_modalities", "allowed_body_parts", "min_size_px")
 
 
 @dataclass(frozen=True)
@@ -51,15 +48,25 @@ class ServingConfig:
     detection: DetectionParams
     default_spacing_mm: float
     label: str = RSNA_LABEL
+    # Ingestion's screening rule (SCREENING_KEYS); versions registered before it was stored get
+    # ingestion's defaults.
+    screening: IngestParams = field(default_factory=IngestParams)
 
     @classmethod
     def from_params(
         cls, preprocess: PreprocessParams, detection: DetectionParams, ingest: IngestParams
     ) -> ServingConfig:
-        return cls(preprocess, detection, ingest.default_spacing_mm)
+        screening = IngestParams.model_validate({k: getattr(ingest, k) for k in SCREENING_KEYS})
+        return cls(preprocess, detection, ingest.default_spacing_mm, screening=screening)
+
+    @property
+    def ingest(self) -> IngestParams:
+        """The screening rule and default spacing, as ingestion's params."""
+        return self.screening.model_copy(update={"default_spacing_mm": self.default_spacing_mm})
 
     def to_json(self) -> str:
         pixel = self.preprocess.model_dump(mode="json")
+        screening = self.screening.model_dump(mode="json")
         return json.dumps(
             {
                 "preprocess": {k: pixel[k] for k in PIXEL_KEYS},
@@ -67,6 +74,7 @@ class ServingConfig:
                 "test": self.detection.model_dump(mode="json"),
                 "default_spacing_mm": self.default_spacing_mm,
                 "label": self.label,
+                "ingest": {k: screening[k] for k in SCREENING_KEYS},
             },
             indent=2,
             sort_keys=True,
@@ -82,11 +90,13 @@ class ServingConfig:
             for k, v in raw["test"].items()
             if k in DetectionParams.model_fields and not isinstance(v, dict)
         }
+        stored = raw.get("ingest") or {}
         return cls(
             PreprocessParams.model_validate({k: raw["preprocess"][k] for k in PIXEL_KEYS}),
             DetectionParams.model_validate(decoding),
             float(raw["default_spacing_mm"]),
             str(raw["label"]),
+            IngestParams.model_validate({k: stored[k] for k in SCREENING_KEYS if k in stored}),
         )
 
 
@@ -133,93 +143,11 @@ def detect(
     return out
 
 
-def read_input(value: object, default_spacing_mm: float, scratch: Path) -> DicomImage:
-    """A path to a DICOM file, or its bytes (raw or base64 text). Raises DataError."""
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            is_file = len(text) < _MAX_PATH_CHARS and Path(text).is_file()
-        except (OSError, ValueError):
-            is_file = False
-        if is_file:
-            return read_image(Path(text), default_spacing_mm)
-        try:
-            data = base64.b64decode("".join(text.split()), validate=True)
-        except (binascii.Error, ValueError):
-            raise DataError(
-                "input is neither an existing DICOM file path nor base64-encoded DICOM bytes"
-            ) from None
-    elif isinstance(value, bytes | bytearray | memoryview):
-        data = bytes(value)
-    else:
-        raise DataError(f"input must be a path or DICOM bytes, got {type(value).__name__}")
-    if not data:
-        raise DataError("input holds no bytes")
-    # One reader for every input: bytes go through the same file reader as paths.
-    path = scratch / "input.dcm"
-    path.write_bytes(data)
-    try:
-        return read_image(path, default_spacing_mm)
-    finally:
-        path.unlink(missing_ok=True)
-
-
 def box_records(boxes: np.ndarray, label: str) -> list[dict[str, Any]]:
     return [
         {**{k: float(v) for k, v in zip(BOX_KEYS, row, strict=True)}, "label": label}
         for row in boxes
     ]
-
-
-def predict_frame(
-    model: keras.Model,
-    values: Sequence[object],
-    config: ServingConfig,
-    threshold: float | None = None,
-) -> pd.DataFrame:
-    """One output row per input: boxes, pixel hash and size, or `error` (and the batch goes on)."""
-    cutoff = config.detection.score_threshold if threshold is None else float(threshold)
-    rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="radflow-predict-") as scratch:
-        for start in range(0, len(values), _CHUNK):
-            chunk: list[tuple[int, DicomImage]] = []
-            results: dict[int, dict[str, Any]] = {}
-            for i, value in enumerate(values[start : start + _CHUNK], start):
-                try:
-                    chunk.append((i, read_input(value, config.default_spacing_mm, Path(scratch))))
-                except DataError as exc:
-                    results[i] = {
-                        "boxes": [],
-                        "image_sha256": "",
-                        "rows": 0,
-                        "columns": 0,
-                        "error": str(exc),
-                    }
-            found = detect(model, [image for _, image in chunk], config, cutoff)
-            for (i, image), boxes in zip(chunk, found, strict=True):
-                results[i] = {
-                    "boxes": box_records(boxes, config.label),
-                    "image_sha256": image.pixel_sha256,
-                    "rows": int(image.pixels.shape[0]),
-                    "columns": int(image.pixels.shape[1]),
-                    "error": "",
-                }
-            rows.extend(results[i] for i in sorted(results))
-    return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
-
-
-def input_values(model_input: object) -> list[object]:
-    """The `dicom` values of whatever the pyfunc was handed (a DataFrame after schema enforcement)."""
-    if isinstance(model_input, pd.DataFrame):
-        if INPUT_COLUMN not in model_input.columns:
-            raise DataError(f"the input needs a `{INPUT_COLUMN}` column (a path or DICOM bytes)")
-        return list(model_input[INPUT_COLUMN])
-    if isinstance(model_input, dict):
-        value = model_input.get(INPUT_COLUMN)
-        return list(value) if isinstance(value, list | tuple) else [value]
-    if isinstance(model_input, str | bytes):
-        return [model_input]
-    return list(model_input)  # type: ignore[call-overload]
 
 
 # --------------------------------------------------------------------------------------------

@@ -69,6 +69,8 @@ def _outside_env(tmp: Path, tracking_uri: str) -> dict[str, str]:
         PATH=os.pathsep.join([str(tools), *path]),
         MLFLOW_TRACKING_URI=tracking_uri,
         MLFLOW_ENV_ROOT=str(tmp / "envs"),  # built afresh each run; the uv cache makes it quick
+        # the served model records each answer: its ledger code and drivers travel with it
+        RADFLOW_LEDGER_URL=f"sqlite:///{tmp / 'ledger.db'}",
     )
     return env
 
@@ -157,7 +159,7 @@ def test_the_model_carries_its_code_pinned_requirements_and_a_signature(producti
 
     signature = mlflow.models.get_model_info(MODEL_URI).signature
     assert signature.inputs.input_names() == ["dicom"]
-    assert signature.outputs.input_names() == ["boxes", "image_sha256", "rows", "columns", "error"]
+    assert signature.outputs.input_names() == list(pyfunc.OUTPUT_COLUMNS)
 
 
 def test_the_served_environment_is_built_from_the_models_requirements_alone(served):
@@ -229,7 +231,14 @@ def test_a_dicom_request_is_answered_in_the_signatures_schema(served, production
     image = read_image(path, params.ingest.default_spacing_mm)
     assert image_row["image_sha256"] == image.pixel_sha256 and image_row["error"] == ""
     assert (image_row["rows"], image_row["columns"]) == (300, 280)
-    assert bad["boxes"] == [] and "neither an existing DICOM file path nor base64" in bad["error"]
+    assert bad["boxes"] == [] and bad["reason"] == "not_base64"
+    # recorded by the model's own copy of the ledger code, in the ledger the server was given
+    assert {row["audit"] for row in rows} == {"recorded"}
+    from pipeline_steps.governance.ledger import Ledger
+
+    with Ledger(served["env"]["RADFLOW_LEDGER_URL"]) as ledger:
+        subjects = [e.subject for e in ledger.entries(kind="prediction")]
+    assert {row["prediction_id"] for row in rows} <= set(subjects)
 
     # The boxes are the training code's: preprocess, predict, map back to original pixels.
     model = keras.models.load_model(layout.model, compile=False)

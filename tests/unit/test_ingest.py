@@ -288,3 +288,39 @@ def test_a_utf16_label_file_is_read_by_its_mark_and_without_one_refused_before_c
     with pytest.raises(DataError, match=r"nomark\.csv: line 1: NUL bytes.*suggests utf_16"):
         ingest_directory(src, without, Layout(tmp_path / "ws2"))
     assert not Layout(tmp_path / "ws2").raw.exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "reason", "names"),
+    [
+        ({"BitsAllocated": 0}, "corrupt", "BitsAllocated 0"),
+        ({"BitsAllocated": 12}, "corrupt", "BitsAllocated 12"),
+        ({"BitsStored": 20}, "corrupt", "BitsStored 20"),
+        ({"PixelRepresentation": 2}, "corrupt", "PixelRepresentation 2"),
+        ({"SamplesPerPixel": None}, "corrupt", "SamplesPerPixel missing"),
+    ],
+)
+def test_impossible_or_oversized_pixel_modules_are_refused_at_screening(
+    tmp_path, make_dicom, monkeypatch, change, reason, names
+):
+    """Values the pixel data cannot be laid out by are quarantined from the header with a reason,
+    never first found out by a decoder. (A frame beyond the reader's limits: `too_large`, see
+    tests/unit/test_serving_rule.py.)"""
+    import pydicom
+
+    from pipeline_steps.core.config import IngestParams
+    from pipeline_steps.core.screening import build_metadata
+
+    path = make_dicom(tmp_path / "in" / "x.dcm")
+    ds = pydicom.dcmread(path)
+    for keyword, value in change.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=True)
+    monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(lambda self: 1 / 0))
+    metadata, quarantine = build_metadata(tmp_path / "in", IngestParams(), "k" * 32)
+    assert metadata.empty
+    assert quarantine["reason"].tolist() == [reason]
+    assert names in quarantine["message"].iloc[0]
