@@ -298,6 +298,8 @@ def run(
     _write_froc_csv(deep_curve, layout.froc_deep_csv)
     for curve in other_curves.values():
         _write_froc_csv(curve, layout.froc_baseline_csv)
+    if not other_curves:  # an earlier run's curve must not be plotted as this run's
+        layout.froc_baseline_csv.unlink(missing_ok=True)
     plot_froc(deep_curve, layout.froc_plot, others=other_curves, label="deep model")
     plot_pr(deep, gts, layout.pr_plot, others=others, label="deep model")
     plot_calibration(calibration_curve(deep, gts), layout.calibration_plot)

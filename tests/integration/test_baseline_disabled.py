@@ -75,6 +75,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_run_without_the_baseline_registers_and_commits_its_outs(workspace: Path) -> None:
+    stale = Layout(workspace).froc_baseline_csv  # an earlier run's curve, with the baseline on
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text("fp_per_image,sensitivity\n1,0.5\n")
     run = _radflow(workspace, "run", "--json")
     assert run.returncode == 0, run.stderr[-4000:]
     summary = json.loads(run.stdout.strip().splitlines()[-1])
@@ -87,6 +90,7 @@ def test_a_run_without_the_baseline_registers_and_commits_its_outs(workspace: Pa
     lock = yaml.safe_load((workspace / "dvc.lock").read_text())
     outs = {o["path"] for o in lock["stages"]["test"]["outs"]}
     assert "reports/baseline_predictions.parquet" in outs
+    assert not stale.exists()  # not plotted as this run's
 
 
 @pytest.mark.xfail(
