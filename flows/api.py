@@ -180,9 +180,10 @@ class BatchedModel:
 
 
 def padded_size(n: int) -> int:
-    """The batch size a pass of n images runs at: the next power of two. Keras compiles the
-    predict function (with XLA where the model says so) once per input shape; a few fixed sizes,
-    compiled at start-up, keep that compilation out of the requests' time."""
+    """The batch size a pass of n images runs at: the next power of two. Keras traces its predict
+    function for new input shapes (until TensorFlow relaxes the batch dimension) and, for a model
+    compiled with `jit_compile`, XLA compiles once per shape; a few fixed sizes, all run once at
+    start-up, keep tracing and compiling out of the requests' time."""
     return 1 << max(0, n - 1).bit_length()
 
 
