@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from flows.api_auth import ApiSecurity, TokenCheck, hash_token
@@ -466,15 +466,23 @@ def test_fuzzed_requests_never_get_a_5xx_or_a_traceback(model_and_data, tmp_path
         @given(requests_(dicom))
         def one(request):
             method, path, params, auth, ctype, body, multipart = request
+            # HTTP trims a header value's outer whitespace (and httpx refuses to send it)
+            auth, ctype = auth.strip(), ctype.strip()
             headers = {"authorization": auth} if auth else {}
-            if multipart and method in ("POST", "PUT", "PATCH"):
-                reply = client.request(
-                    method, path, params=params, headers=headers, files={"file": ("f.dcm", body)}
-                )
-            else:
-                if ctype:
-                    headers["content-type"] = ctype
-                reply = client.request(method, path, params=params, headers=headers, content=body)
+            try:
+                if multipart and method in ("POST", "PUT", "PATCH"):
+                    files = {"file": ("f.dcm", body)}
+                    reply = client.request(
+                        method, path, params=params, headers=headers, files=files
+                    )
+                else:
+                    if ctype:
+                        headers["content-type"] = ctype
+                    reply = client.request(
+                        method, path, params=params, headers=headers, content=body
+                    )
+            except httpx.LocalProtocolError:
+                reject()  # a request the client itself will not send
             statuses[reply.status_code] = statuses.get(reply.status_code, 0) + 1
             assert reply.status_code < 500, (request, reply.status_code, reply.text[:500])
             assert not served.errors.records, served.errors.text()
