@@ -35,8 +35,7 @@ Record = Callable[[Layout, Fingerprint, dict[str, Any]], LastRun]
 
 def run_lock(layout: Layout) -> Path:
     """The workspace's run lock: one `radflow run` or nightly run at a time."""
-    # TODO(layout): a Layout property (core/layout.py) once its owner adds `run_lock`.
-    return layout.state / "run.lock"
+    return layout.run_lock
 
 
 @contextmanager
@@ -74,8 +73,7 @@ class Retraining:
 
 def _pending(layout: Layout) -> Path:
     """What a training run is doing while it runs (removed once it is recorded)."""
-    # TODO(layout): a Layout property (core/layout.py) once its owner adds `pending_run`.
-    return layout.state / "pending_run.json"
+    return layout.pending_run
 
 
 def _start_pending(layout: Layout, fp: Fingerprint) -> None:

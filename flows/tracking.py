@@ -29,6 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from pipeline_steps.core.errors import TrackingError
+from pipeline_steps.core.files import write_text_atomic
 from pipeline_steps.core.layout import Layout
 from pipeline_steps.register import Registration
 
@@ -288,8 +289,9 @@ def log_and_register(layout: Layout, registration: Registration, model_path: Pat
         for key, tag in registration.tags.items():
             client.set_model_version_tag(registration.model_name, version, key, tag)
         result = Registered(run.info.run_id, registration.model_name, version)
-    layout.registration.write_text(
-        json.dumps(result.__dict__ | {"tags": registration.tags}, indent=2)
+    # Read by the next run's recovery: never half-written.
+    write_text_atomic(
+        layout.registration, json.dumps(result.__dict__ | {"tags": registration.tags}, indent=2)
     )
     return result
 

@@ -156,6 +156,9 @@ def _workspace_lock(root: Path, command: str) -> Iterator[None]:
 
 
 def dvc(root: Path, *args: str) -> str:
+    """Run DVC in `root`; its output is captured. A failure raises WorkspaceError with DVC's own
+    message, which `-q` would silence, so quiet flags are dropped."""
+    args = tuple(a for a in args if a not in ("-q", "--quiet"))
     env = dict(os.environ, DVC_NO_ANALYTICS="1")
     # Stage commands call `radflow step ...`; make sure the running environment's scripts are found.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -164,8 +167,10 @@ def dvc(root: Path, *args: str) -> str:
             [sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True, env=env
         )
     if done.returncode != 0:
+        detail = (done.stderr + done.stdout).strip()[-2000:]
         raise WorkspaceError(
-            f"dvc {' '.join(args)} failed in {root}:\n{(done.stderr + done.stdout).strip()[-2000:]}"
+            f"dvc {' '.join(args)} failed in {root}:\n"
+            f"{detail or f'exit status {done.returncode}, no message'}"
         )
     return done.stdout
 

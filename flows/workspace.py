@@ -136,8 +136,7 @@ _COMPLETE = ".complete"  # written last: a set-aside without it was cut short an
 
 
 def _aside(layout: Layout) -> Path:
-    # TODO(layout): a Layout property (core/layout.py) once its owner adds `previous_outputs`.
-    return layout.state / "previous_outputs"
+    return layout.previous_outputs
 
 
 def training_outputs(layout: Layout) -> list[Path]:

@@ -14,7 +14,7 @@ from numpy.typing import NDArray
 
 from pipeline_steps.core.config import DetectionParams
 from pipeline_steps.core.errors import DataError
-from pipeline_steps.core.files import atomic_path
+from pipeline_steps.core.files import atomic_path, write_text_atomic
 from pipeline_steps.core.layout import Layout
 
 if TYPE_CHECKING:
@@ -289,8 +289,10 @@ def run(
         ),
         layout.baseline_predictions,
     )
-    layout.metrics.write_text(json.dumps(_finite_or_none(metrics), indent=2, sort_keys=True))
-    layout.test_details.write_text(json.dumps(_finite_or_none(details), indent=2))
+    write_text_atomic(
+        layout.metrics, json.dumps(_finite_or_none(metrics), indent=2, sort_keys=True)
+    )
+    write_text_atomic(layout.test_details, json.dumps(_finite_or_none(details), indent=2))
 
     others = {"classical baseline": baseline} if baseline is not None else {}
     deep_curve = froc(deep, gts)

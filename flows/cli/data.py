@@ -159,7 +159,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         f"seen {result['seen']} files: {result['accepted']} accepted, "
         f"{sum(quarantined.values())} quarantined" + (f" ({reasons})" if reasons else ""),
         f"  archived {result['added']} new, {result['skipped_existing']} already present "
-        "(rejected files are kept, unmodified)",
+        "(rejected files are kept, unmodified"
+        + ("; symbolic links are not followed" if "symlink" in quarantined else "")
+        + ")",
     ]
     if result["label_format"]:
         issues = result["label_issues"]

@@ -25,15 +25,16 @@ def unit_interval(text: str) -> float:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from flows import workspace
+    from flows import servers, workspace
     from flows.predict import batch_prediction, list_inputs
     from pipeline_steps.core.deid import pseudonym_key
 
-    # A bad params.yaml, a missing input or no pseudonymization key fails here, before Prefect's
-    # server starts (~20 s).
+    # A bad params.yaml, a missing input, no pseudonymization key or a configured MLflow/Prefect
+    # server that does not answer fails here, before Prefect's server starts (~20 s).
     layout, _ = workspace.open_workspace(workspace_dir(args))
     list_inputs(Path(args.input))
     pseudonym_key()
+    servers.check_reachable(mlflow=True, prefect=True)
     summary = batch_prediction(
         str(layout.root),
         args.input,  # kept as given: records name each image by the path the caller used

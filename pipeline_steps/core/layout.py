@@ -264,10 +264,20 @@ class Layout:
     def synth_staging(self) -> Path:
         return self.state / "synth"
 
-    # the nightly flow
+    # runs of the workspace (flows/retraining.py): one at a time, and what a killed one left
     @property
-    def nightly_lock(self) -> Path:
-        return self.state / "nightly.lock"
+    def run_lock(self) -> Path:
+        return self.state / "run.lock"
+
+    @property
+    def pending_run(self) -> Path:
+        return self.state / "pending_run.json"
+
+    @property
+    def previous_outputs(self) -> Path:
+        return self.state / "previous_outputs"
+
+    # the nightly flow
 
     @property
     def nightly_state(self) -> Path:

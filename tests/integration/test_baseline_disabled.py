@@ -93,11 +93,6 @@ def test_a_run_without_the_baseline_registers_and_commits_its_outs(workspace: Pa
     assert not stale.exists()  # not plotted as this run's
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flows/versioning.py runs `dvc commit -f -q`, and -q silences DVC's error: the message "
-    "is empty. Fix: drop -q from the commands `dvc()` runs (their output is captured anyway).",
-)
 def test_a_failing_dvc_commit_carries_dvcs_own_message(workspace: Path) -> None:
     layout = Layout(workspace)
     if not layout.baseline_predictions.exists():
