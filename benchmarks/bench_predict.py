@@ -86,7 +86,7 @@ def _http_latency(workspace: Path, files: list[Path], n: int) -> list[float]:
         port = sock.getsockname()[1]
     server = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "--workspace", str(workspace), "serve-api"]
-        + ["--port", str(port), "--poll-seconds", "0"],
+        + ["--port", str(port), "--poll-seconds", "0", "--insecure-no-auth"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
