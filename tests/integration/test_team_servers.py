@@ -163,6 +163,7 @@ def test_s3_cut_off_mid_registration_leaves_no_version_and_no_alias_move(team, r
     from mlflow.tracking import MlflowClient
 
     from flows import registry, stages
+    from tests.integration.test_registry import with_seed
 
     layout, params = registry_ws
     reg = registry.open_registry(layout, params.register_.model_name)
@@ -172,7 +173,9 @@ def test_s3_cut_off_mid_registration_leaves_no_version_and_no_alias_move(team, r
     team["proxy"].down()
     try:
         with pytest.raises(Exception):  # noqa: B017  (MLflow's error types vary by call)
-            stages.register(layout, params)
+            # Another train seed: the same params would give back version 1 (registration is
+            # idempotent) without storing anything.
+            stages.register(layout, with_seed(params, 1))
     finally:
         team["proxy"].up()
     assert registered_versions(team["mlflow_uri"], params.register_.model_name) == versions
