@@ -331,7 +331,10 @@ def test_monochrome1_and_monochrome2_files_give_identical_predictions(
     for name in ("pos", "neg"):
         m2, m1 = tensors[f"{name}-monochrome2"], tensors[f"{name}-monochrome1"]
         np.testing.assert_array_equal(m1, m2)
-        boxes_m2, boxes_m1 = predict_boxes(detector.model, np.stack([m2, m1]), anything)
+        # One image per call: within one batch, oneDNN may round two identical images differently
+        # by their position (seen at 2e-7 relative), which says nothing about the DICOM path.
+        (boxes_m2,) = predict_boxes(detector.model, m2[None], anything)
+        (boxes_m1,) = predict_boxes(detector.model, m1[None], anything)
         np.testing.assert_array_equal(boxes_m1, boxes_m2)
     # The lesion was found where it was drawn (so the equality above is about real boxes).
     (found,) = predict_boxes(detector.model, tensors["pos-monochrome2"][None], THRESHOLD)
