@@ -44,6 +44,13 @@ test: $(STAMP)
 	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
 	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
 	  || echo "make test: could not install chromium; the offline Data Docs test will fail" >&2
+	@# The PACS tests start a real Orthanc with its DICOMweb plugin (Debian's packages).
+	@{ command -v Orthanc >/dev/null || [ -x /usr/sbin/Orthanc ]; } \
+	  && ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so >/dev/null 2>&1 \
+	  || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
+	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends orthanc orthanc-dicomweb) \
+	  || echo "make test: could not install orthanc and orthanc-dicomweb; the PACS tests will fail" >&2
 	$(VENV)/bin/pytest
 
 lint: $(STAMP)

@@ -51,7 +51,7 @@ class Service:
 
 
 def needed_services(
-    *, mlflow: bool = False, prefect: bool = False, s3: bool = False
+    *, mlflow: bool = False, prefect: bool = False, s3: bool = False, pacs: bool = False
 ) -> list[Service]:
     """The services named in the environment that a command needing these kinds talks to. Unset
     variables mean local defaults (the workspace's SQLite store, Prefect's temporary server, AWS's
@@ -91,6 +91,12 @@ def needed_services(
                         "start the S3 service or unset it to use the default endpoint",
                     )
                 )
+    url = os.environ.get("RADFLOW_PACS_URL", "").strip()
+    if pacs and url:
+        # Any HTTP answer counts, a 401 included: the credentials are the PACS edge's own check.
+        found.append(
+            Service("RADFLOW_PACS_URL", url, url, "start the PACS or correct its DICOMweb base URL")
+        )
     return found
 
 
@@ -134,13 +140,14 @@ def check_reachable(
     mlflow: bool = False,
     prefect: bool = False,
     s3: bool = False,
+    pacs: bool = False,
     timeout_s: float = PROBE_TIMEOUT_S,
 ) -> None:
     """Raise ServiceUnreachable, naming each variable, its value (without a password) and what to do,
     when a service the command needs does not answer within `timeout_s`. Called at the start of every
-    command that needs MLflow, Prefect or S3, before it does any work."""
+    command that needs MLflow, Prefect, S3 or the PACS, before it does any work."""
     failures = []
-    for service in needed_services(mlflow=mlflow, prefect=prefect, s3=s3):
+    for service in needed_services(mlflow=mlflow, prefect=prefect, s3=s3, pacs=pacs):
         why = probe(service.probe_url, timeout_s)
         if why is not None:
             failures.append(

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from flows.servers import prefect_api_url, prefect_server_command, stop, tool, wait_ready
+from tests.integration.orthanc import Orthanc, OrthancUnavailable, orthanc_server
 from tests.integration.postgres import Postgres, PostgresUnavailable, postgres_server
 
 AWS_ENV = {
@@ -249,6 +250,20 @@ def postgres() -> Iterator[Postgres]:
         with postgres_server() as server:
             yield server
     except PostgresUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+# -- Orthanc (a PACS with DICOMweb) ----------------------------------------------------------------
+
+
+@pytest.fixture
+def orthanc(tmp_path_factory) -> Iterator[Orthanc]:
+    """A fresh Orthanc with DICOMweb and authentication on, on a free loopback port. No Orthanc
+    installed fails the test, never skips (`make test` installs it as root on Debian/Ubuntu)."""
+    try:
+        with orthanc_server(tmp_path_factory.mktemp("orthanc")) as server:
+            yield server
+    except OrthancUnavailable as exc:
         pytest.fail(str(exc), pytrace=False)
 
 
