@@ -345,6 +345,42 @@ class NightlyParams(_Section):
         return self
 
 
+class PacsPullParams(_Section):
+    """`radflow pacs pull` and the nightly run's PACS source (flows/pacs_pull.py): which studies are
+    asked for over QIDO-RS. Everything pulled goes through ingestion's own screening."""
+
+    modalities: tuple[str, ...] = ("DX", "CR")  # ModalitiesInStudy of the studies asked for
+    study_date_from: str = ""  # YYYYMMDD, inclusive; empty: no lower bound
+    study_date_to: str = ""  # YYYYMMDD, inclusive; empty: no upper bound
+
+    @model_validator(mode="after")
+    def _dates(self) -> PacsPullParams:
+        for name in ("study_date_from", "study_date_to"):
+            value = getattr(self, name)
+            if value and not (len(value) == 8 and value.isdigit()):
+                raise ValueError(f"{name} must be YYYYMMDD or empty")
+        if self.study_date_from and self.study_date_to and self.study_date_from > self.study_date_to:
+            raise ValueError("study_date_from is after study_date_to")
+        return self
+
+
+class PacsWatchParams(_Section):
+    """`radflow pacs watch` (flows/pacs_watch.py): polling for new studies, and the SR stored back."""
+
+    interval_s: float = Field(30.0, gt=0.0, le=86400.0)  # between polls
+
+
+class PacsParams(_Section):
+    """The PACS over DICOMweb (flows/pacs.py). Its URL and credentials come from the environment
+    (RADFLOW_PACS_URL, RADFLOW_PACS_USER, RADFLOW_PACS_PASSWORD[_FILE]), never from this file."""
+
+    pull: PacsPullParams = PacsPullParams()
+    watch: PacsWatchParams = PacsWatchParams()
+    timeout_s: float = Field(30.0, gt=0.0, le=600.0)  # per request
+    attempts: int = Field(4, ge=1, le=20)  # per request, with exponential backoff
+    backoff_s: float = Field(1.0, ge=0.0, le=60.0)  # the first retry's delay; doubles
+
+
 class Params(_Section):
     synth: SynthParams = SynthParams()
     ingest: IngestParams = IngestParams()
@@ -356,6 +392,7 @@ class Params(_Section):
     register_: RegisterParams = Field(RegisterParams(), alias="register")
     gate: GateParams = GateParams()
     nightly: NightlyParams = NightlyParams()
+    pacs: PacsParams = PacsParams()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
