@@ -272,7 +272,12 @@ def cmd_step(args: argparse.Namespace) -> int:
     layout, params = workspace.open_workspace(workspace_dir(args))
     # The stages that cannot do without the registry (extract_features goes on without a champion).
     servers.check_reachable(mlflow=args.stage in ("register", "gate"), s3=args.stage == "register")
-    with progress_bar(args.stage) as bar:
+    # `dvc repro` runs each stage through here: it waits for (or with --no-wait refuses) a
+    # `radflow run`, nightly or ingest working in the same workspace, stage by stage.
+    with (
+        _run_lock(layout, f"radflow step {args.stage}", args.no_wait),
+        progress_bar(args.stage) as bar,
+    ):
         result = stages.run_stage(args.stage, layout, params, bar)
     log.info(
         "stage %s done: %s", args.stage, getattr(result, "__dict__", None) or type(result).__name__
@@ -357,4 +362,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     p = sub.add_parser("step", help="run one pipeline stage without Prefect (used by dvc.yaml)")
     p.add_argument("stage", choices=list(STAGES), help="the stage to run")
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="when another run holds this workspace, stop at once instead of waiting for it",
+    )
     p.set_defaults(func=cmd_step)

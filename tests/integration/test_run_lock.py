@@ -96,16 +96,24 @@ def test_with_no_wait_a_second_run_or_ingest_refuses_at_once_and_does_nothing(tm
         _, err = run.communicate(timeout=120)
         ingest = radflow(ws, "ingest", "--dicom-dir", str(tmp_path), "--no-wait")
         _, ingest_err = ingest.communicate(timeout=120)
+        # What `dvc repro` runs for each stage.
+        step = radflow(ws, "step", "validate", "--no-wait")
+        _, step_err = step.communicate(timeout=120)
     finally:
         holder.kill()
         holder.wait()
-    for code, text in ((run.returncode, err), (ingest.returncode, ingest_err)):
+    for code, text in (
+        (run.returncode, err),
+        (ingest.returncode, ingest_err),
+        (step.returncode, step_err),
+    ):
         assert code == 1, text
         assert text.startswith("radflow: error: another run is working in"), text
         assert f"radflow run (pid {holder.pid} on " in text and "Nothing was done" in text
         assert "Traceback" not in text
     assert not (ws / "data" / "raw.dvc").exists()  # no data synthesized, nothing ingested
     assert not (ws / "data" / "raw").exists()
+    assert not (ws / "reports" / "validation.json").exists()  # the stage did not run
 
 
 def test_two_runs_started_together_train_and_register_once(tmp_path):
