@@ -468,8 +468,8 @@ def serve(
     import uvicorn
 
     from flows import versioning
+    from flows.anchoring import open_ledger
     from pipeline_steps.core.deid import pseudonym_key
-    from pipeline_steps.governance.ledger import open_ledger
 
     key = pseudonym_key().secret  # first: without a usable key the API does not start
     if security.auth_disabled:

@@ -13,10 +13,11 @@ import io
 import json
 import tempfile
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from flows.anchoring import open_ledger
 from flows.registry import stages_at
 from flows.tracking import (
     MANIFEST_ARTIFACT,
@@ -30,7 +31,14 @@ from pipeline_steps.core.config import Params
 from pipeline_steps.core.deid import DEVELOPMENT
 from pipeline_steps.core.errors import DataError, TrackingError
 from pipeline_steps.core.layout import Layout
-from pipeline_steps.governance.ledger import Entry, Verification, open_ledger
+from pipeline_steps.governance.anchors import NOT_ANCHORED, AnchorCheck
+from pipeline_steps.governance.export import (
+    ExportCheck,
+    ExportError,
+    check_export,
+    export_lines,
+)
+from pipeline_steps.governance.ledger import Entry, Verification
 from pipeline_steps.serving.prediction import PREDICTION, membership
 
 VALIDATION_ARTIFACT = "reports/validation.json"
@@ -49,6 +57,26 @@ def verify(layout: Layout) -> Verification:
         return ledger.verify()
 
 
+def verify_anchored(layout: Layout) -> tuple[Verification, AnchorCheck]:
+    """The chain, then the chain against its anchors (`not anchored` when no store is set)."""
+    with open_ledger(layout.root) as ledger:
+        chain = ledger.verify()
+        anchored = ledger.check_anchors()
+    return chain, anchored or AnchorCheck(NOT_ANCHORED, problem=_NOT_ANCHORED)
+
+
+_NOT_ANCHORED = (
+    "RADFLOW_LEDGER_ANCHOR is not set: rows deleted from the end, or a chain recomputed with "
+    "new hashes, cannot be detected"
+)
+
+
+def anchor(layout: Layout) -> Entry | None:
+    """Anchor the ledger's head now (after a failed anchor, or on a schedule)."""
+    with open_ledger(layout.root) as ledger:
+        return ledger.anchor_head()
+
+
 def export(
     layout: Layout,
     out: IO[str],
@@ -57,12 +85,39 @@ def export(
     until: datetime | None = None,
     kind: str | None = None,
 ) -> int:
-    """Rows (with their hashes, so an auditor can re-check the chain) as JSONL; returns the count."""
+    """The rows (with their hashes, so an auditor can re-check the chain), a copy of the anchors
+    and a summary, as JSON lines (`pipeline_steps.governance.export`); returns the row count."""
     with open_ledger(layout.root) as ledger:
         rows = ledger.entries(kind=kind, since=since, until=until)
-    for entry in rows:
-        out.write(json.dumps(entry.as_dict(), sort_keys=True) + "\n")
+        head = ledger.head()
+        store = ledger.anchors
+        anchors = [store.read(seq) for seq in store.seqs()] if store is not None else []
+        summary = {
+            "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "ledger": ledger.display_url,
+            "ledger_last_seq": head.seq if head else 0,
+            "filters": {
+                "since": since.isoformat() if since else None,
+                "until": until.isoformat() if until else None,
+                "kind": kind,
+            },
+            "anchor_store": store.location if store is not None else None,
+            "anchor_findings": store.findings() if store is not None else [],
+            # The signed records (issue 18's signing) are not exported yet: see README, audit.
+            "signatures": None,
+        }
+    for line in export_lines(rows, anchors, summary=summary):
+        out.write(line + "\n")
     return len(rows)
+
+
+def verify_export(path: Path) -> ExportCheck:
+    """Check an export file offline: no database, no anchor store."""
+    try:
+        with path.open(encoding="utf-8") as fh:
+            return check_export(fh, str(path))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExportError(f"export {path}: cannot be read ({exc})") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,12 +178,26 @@ def _manifest(blob: bytes) -> dict[str, str]:
     return dict(line.split(",", 1) for line in lines[1:] if line)
 
 
+def _is_uid(text: str) -> bool:
+    # A DICOM UID (PS3.5 9.1): digits and dots, at most 64 characters. A ULID has letters.
+    return 0 < len(text) <= 64 and all(c.isdigit() or c == "." for c in text) and "." in text
+
+
 def find_prediction(layout: Layout, prediction_id: str) -> tuple[Entry, Verification]:
+    """The ledger row of a prediction id, or of the SR a PACS watcher stored (its SOP Instance UID,
+    recorded with the prediction before the SR was stored)."""
+    wanted = prediction_id.strip()
     with open_ledger(layout.root) as ledger:
-        found = ledger.entries(kind=PREDICTION, subject=prediction_id.strip())
+        found = ledger.entries(kind=PREDICTION, subject=wanted)
+        if not found and _is_uid(wanted):
+            found = [
+                entry
+                for entry in ledger.entries(kind=PREDICTION)
+                if entry.payload.get("sr_sop_instance_uid") == wanted
+            ]
         if not found:
             raise UnknownPrediction(
-                f"no prediction {prediction_id!r} in the ledger at "
+                f"no prediction or SR {prediction_id!r} in the ledger at "
                 f"{ledger.display_url}; `radflow audit export` lists them"
             )
         return found[0], ledger.verify()
@@ -289,6 +358,8 @@ def format_trace(t: dict[str, Any]) -> Iterator[str]:
         yield f"  failed: {p['reason']}"
     else:
         yield f"  image sha256 {p.get('image_sha256')}  boxes {len(p.get('boxes', []))}"
+    if p.get("sr_sop_instance_uid"):
+        yield f"  SR {p['sr_sop_instance_uid']} stored into the image's study (radflow pacs watch)"
     yield (
         f"model       {m['name']} version {m['version']}; stage then: "
         f"{', '.join(m['stage_at_prediction']) or 'none'}; aliases now: "

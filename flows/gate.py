@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from flows.anchoring import open_ledger
 from flows.registry import (
     GATE,
     GATE_TAGS,
@@ -31,7 +32,7 @@ from pipeline_steps.core.errors import DataError, TrackingError
 from pipeline_steps.core.files import write_text_atomic
 from pipeline_steps.core.layout import Layout
 from pipeline_steps.gate import Check, GateResult, evaluate_gate
-from pipeline_steps.governance.ledger import jsonable, open_ledger
+from pipeline_steps.governance.ledger import jsonable
 from pipeline_steps.governance.lifecycle import (
     ARCHIVED,
     TagOp,

@@ -26,6 +26,7 @@ from typing import IO, Any
 from prefect import Flow, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.anchoring import open_ledger
 from flows.registry import open_registry
 from flows.tracking import load_pyfunc
 from flows.versioning import code_version
@@ -34,7 +35,7 @@ from pipeline_steps.core.config import Params
 from pipeline_steps.core.errors import DataError
 from pipeline_steps.core.files import atomic_path
 from pipeline_steps.core.layout import Layout
-from pipeline_steps.governance.ledger import Ledger, open_ledger
+from pipeline_steps.governance.ledger import Ledger
 from pipeline_steps.governance.lifecycle import (
     LIFECYCLE_ALIASES,
     TransitionError,

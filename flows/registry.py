@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from flows.anchoring import open_ledger
 from flows.tracking import mlflow_client, tracking_uri
 from flows.tracking import public_uri as _public_uri
 from pipeline_steps.core.config import Params
@@ -26,7 +27,6 @@ from pipeline_steps.governance.ledger import (
     Entry,
     Ledger,
     LedgerError,
-    open_ledger,
     timestamp,
 )
 from pipeline_steps.governance.lifecycle import (

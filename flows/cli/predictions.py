@@ -157,11 +157,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from flows import audit, workspace
 
     # Verifying or exporting the ledger needs no params: a broken params.yaml does not stop an audit.
+    if args.action == "verify" and args.export:
+        return _verify_export(Path(args.export), args.json)
     layout = workspace.resolve(workspace_dir(args))
     if args.action == "verify":
-        result = audit.verify(layout)
+        result, anchored = audit.verify_anchored(layout)
+        ok = result.ok and not anchored.failed
         if args.json:
-            print(json.dumps(result.__dict__))
+            status = anchored.status if result.ok else "broken"
+            out = result.__dict__ | {"ok": ok, "status": status, "anchoring": anchored.as_dict()}
+            print(json.dumps(out))
         elif result.ok:
             print(f"ledger intact: {result.rows} row(s) verified; head {result.head}")
         else:
@@ -170,7 +175,20 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 f"({result.rows} row(s) before it verified; last good hash {result.head})",
                 file=sys.stderr,
             )
-        return 0 if result.ok else 1
+        if not args.json:
+            where = f" ({anchored.location})" if anchored.location else ""
+            label = anchored.status.upper() if anchored.failed else anchored.status
+            line = f"anchors{where}: {label}"
+            if anchored.anchors:
+                line += (
+                    f"; {anchored.anchors} anchor(s), the newest at row {anchored.last_anchored}"
+                )
+            print(line + (f": {anchored.problem}" if anchored.problem else ""), file=sys.stderr)
+        return 0 if ok else 1
+    if args.action == "anchor":
+        head = audit.anchor(layout)
+        print(f"anchored row {head.seq} ({head.row_hash})" if head else "the ledger is empty")
+        return 0
     if args.out:
         out = Path(args.out)
         with atomic_path(out) as partial, partial.open("w", encoding="utf-8") as fh:
@@ -179,6 +197,24 @@ def cmd_audit(args: argparse.Namespace) -> int:
     else:
         count = audit.export(layout, sys.stdout, since=args.since, until=args.until, kind=args.kind)
     return 0
+
+
+def _verify_export(path: Path, as_json: bool) -> int:
+    """An export checked on its own: no database, no anchor store, no params."""
+    from flows import audit
+
+    checked = audit.verify_export(path)
+    if as_json:
+        print(json.dumps(checked.as_dict()))
+    else:
+        print(
+            f"export {path}: {checked.status.upper() if checked.failed else checked.status}; "
+            f"{checked.rows} row(s), {checked.anchors} anchor(s)"
+            + ("" if checked.complete else " (a filtered export: checked what it holds)")
+        )
+        for problem in checked.problems:
+            print(f"  {problem}", file=sys.stderr)
+    return 1 if checked.failed else 0
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -327,17 +363,24 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     p.set_defaults(func=cmd_api_token)
 
-    p = sub.add_parser("audit", help="verify or export the audit ledger")
+    p = sub.add_parser("audit", help="verify, anchor or export the audit ledger")
     p.add_argument(
         "action",
-        choices=["verify", "export"],
-        help="verify: walk the hash chain; export: the rows as JSON lines",
+        choices=["verify", "export", "anchor"],
+        help="verify: walk the hash chain and compare it with the anchors (exit 1 when broken, "
+        "truncated or rewritten); export: rows, anchors and a summary as JSON lines; anchor: "
+        "publish the head to RADFLOW_LEDGER_ANCHOR now",
     )
     p.add_argument("--since", type=instant, metavar="TIME", help="export: from (ISO-8601)")
     p.add_argument("--until", type=instant, metavar="TIME", help="export: until (ISO-8601)")
     p.add_argument("--kind", help="export: only rows of this kind (prediction, transition, gate)")
     p.add_argument("--out", metavar="FILE.jsonl", help="export: write here instead of stdout")
     p.add_argument("--json", action="store_true", help="verify: print the result as JSON")
+    p.add_argument(
+        "--export",
+        metavar="FILE.jsonl",
+        help="verify: check this export offline instead (no database, no anchor store)",
+    )
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser(

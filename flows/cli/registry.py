@@ -54,7 +54,7 @@ def _short(value: object, width: int = 12) -> str:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from flows import registry, servers, tracking
-    from pipeline_steps.governance.ledger import open_ledger
+    from flows.anchoring import open_ledger
 
     layout, params = _open(args)
     model_name = params.register_.model_name

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -22,6 +23,15 @@ from typing import Any
 import sqlalchemy as sa
 
 from pipeline_steps.core.errors import RadflowError
+from pipeline_steps.governance.anchors import (
+    AnchorCheck,
+    AnchorConfig,
+    AnchorError,
+    AnchorStore,
+    check_anchors,
+    new_anchor,
+    open_anchor_store,
+)
 
 LEDGER_URL_ENV = "RADFLOW_LEDGER_URL"
 LEDGER_FILE = "ledger.db"
@@ -29,6 +39,7 @@ GENESIS = "0" * 64
 TABLE_NAME = "radflow_ledger"
 # One cluster-wide advisory lock serializes appenders on PostgreSQL (SQLite: BEGIN IMMEDIATE).
 _PG_LOCK_KEY = int.from_bytes(hashlib.sha256(b"radflow-ledger").digest()[:8], "big", signed=True)
+log = logging.getLogger("radflow.ledger")
 
 _metadata = sa.MetaData()
 _table = sa.Table(
@@ -290,7 +301,13 @@ class LedgerWriter:
 
 
 class Ledger:
-    """One audit ledger behind a SQLAlchemy URL. The application only ever inserts."""
+    """One audit ledger behind a SQLAlchemy URL. The application only ever inserts.
+
+    With `anchors`, each committed write batch publishes the new head there. A batch whose anchor
+    cannot be written stays committed (the record is not lost for want of S3): the failure is
+    logged and kept in `anchor_error`, the next batch's anchor covers its rows too, and until then
+    `check_anchors` (`radflow audit verify`) reports them as the unanchored tail.
+    """
 
     def __init__(
         self,
@@ -298,10 +315,13 @@ class Ledger:
         *,
         lock_timeout_s: float = 10.0,
         clock: Callable[[], datetime] = _utcnow,
+        anchors: AnchorStore | None = None,
     ) -> None:
         self.url = url
         self.lock_timeout_s = lock_timeout_s
         self._clock = clock
+        self.anchors = anchors
+        self.anchor_error = ""
         parsed = _with_installed_driver(sa.engine.make_url(url))
         self.display_url = parsed.render_as_string(hide_password=True)
         self.dialect = parsed.get_backend_name()
@@ -358,7 +378,8 @@ class Ledger:
                     if self.dialect == "postgresql":
                         self._pg_lock(conn, deadline)
                     self._ensure_schema(conn)
-                    yield LedgerWriter(conn, self._clock, self._head(conn))
+                    writer = LedgerWriter(conn, self._clock, self._head(conn))
+                    yield writer
         except sa.exc.OperationalError as exc:
             if "locked" in str(exc.orig).lower():
                 raise LedgerBusy(
@@ -373,6 +394,38 @@ class Ledger:
                 f"ledger {self.display_url}: refused an append ({exc.orig}); "
                 "run `radflow audit verify`"
             ) from None
+        # Committed. Anchored after the commit, never before: an anchor must not name a row that
+        # a failed commit left out (verify would call that truncation).
+        if writer.appended and writer.head is not None:
+            self._publish(writer.head)
+
+    def _publish(self, head: Entry) -> bool:
+        if self.anchors is None:
+            return False
+        try:
+            self.anchors.publish(new_anchor(head.seq, head.row_hash, head.seq, self._clock()))
+        except AnchorError as exc:
+            self.anchor_error = str(exc)
+            log.warning(
+                "ledger row %s is recorded but not anchored (%s); the next write anchors it, "
+                "or run `radflow audit anchor`",
+                head.seq,
+                exc,
+            )
+            return False
+        self.anchor_error = ""
+        return True
+
+    def anchor_head(self) -> Entry | None:
+        """Publish the current head now (after an anchoring failure, or on a schedule).
+
+        Raises AnchorError when no store is configured or the store refuses it."""
+        if self.anchors is None:
+            raise AnchorError("no anchor store is configured (RADFLOW_LEDGER_ANCHOR)")
+        head = self.head()
+        if head is not None and not self._publish(head):
+            raise AnchorError(self.anchor_error)
+        return head
 
     def append(self, kind: str, subject: str, payload: Mapping[str, Any]) -> Entry:
         with self.writing() as writer:
@@ -438,6 +491,30 @@ class Ledger:
         with self._reading() as conn:
             return None if conn is None else self._head(conn)
 
+    def hash_at(self, seq: int) -> str | None:
+        """The stored hash of row `seq` (None when there is no such row)."""
+        with self._reading() as conn:
+            if conn is None:
+                return None
+            query = sa.select(_table.c.row_hash).where(_table.c.seq == seq)
+            found = conn.execute(query).scalar()
+            return None if found is None else str(found)
+
+    def check_anchors(self) -> AnchorCheck | None:
+        """This ledger against its anchor store (None when it has none); see `check_anchors`."""
+        if self.anchors is None:
+            return None
+        store = self.anchors
+        head = self.head()
+        return check_anchors(
+            store.seqs(),
+            store.read,
+            head.seq if head else 0,
+            self.hash_at,
+            location=store.location,
+            findings=store.findings,
+        )
+
     def verify(self) -> Verification:
         """Check the whole chain; the answer names the first broken row."""
         with self._reading() as conn:
@@ -461,5 +538,25 @@ class Ledger:
 
 
 def open_ledger(root: Path, **options: Any) -> Ledger:
-    """The ledger of the workspace at `root` (or the shared one named by RADFLOW_LEDGER_URL)."""
+    """The ledger of the workspace at `root` (or the shared one named by RADFLOW_LEDGER_URL).
+
+    Pass `anchors=` for anchoring; `flows.anchoring.open_ledger` does, from the environment."""
     return Ledger(ledger_url(root), **options)
+
+
+def local_anchor_store() -> AnchorStore | None:
+    """The anchor store for a process without radflow's S3 edge (the served model): the folder that
+    RADFLOW_LEDGER_ANCHOR names. For S3, None: such a process's rows are anchored by the next write
+    of a radflow command or serve-api (each anchor covers every row before it)."""
+    try:
+        config = AnchorConfig.from_env()
+    except RadflowError as exc:
+        raise LedgerError(str(exc)) from None
+    if config is None or config.is_s3:
+        if config is not None:
+            log.warning(
+                "this process does not write S3 anchors; its rows are anchored by the next write "
+                "of a radflow command (`radflow audit anchor`)"
+            )
+        return None
+    return open_anchor_store(config)

@@ -36,7 +36,12 @@ from mlflow.pyfunc.model import PythonModel
 
 from pipeline_steps.core.deid import pseudonym_key
 from pipeline_steps.core.errors import DataError, RadflowError
-from pipeline_steps.governance.ledger import LEDGER_URL_ENV, Ledger, LedgerError
+from pipeline_steps.governance.ledger import (
+    LEDGER_URL_ENV,
+    Ledger,
+    LedgerError,
+    local_anchor_store,
+)
 from pipeline_steps.serving.prediction import (
     PREDICTION,
     ModelRef,
@@ -306,7 +311,7 @@ class RadiographDetector(PythonModel):
             ref = self._registered_ref()
             with self._lock:
                 if self._ledger is None or self._ledger.url != url:
-                    self._ledger = Ledger(url)
+                    self._ledger = Ledger(url, anchors=local_anchor_store())
                 ledger = self._ledger
         except (_NoAudit, LedgerError) as exc:
             if unaudited_allowed():

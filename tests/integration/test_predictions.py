@@ -300,7 +300,9 @@ def test_audit_export_writes_a_window_an_auditor_can_recheck(workspace, predicte
     out = tmp_path / "audit.jsonl"
     done = radflow(ws, "audit", "export", "--since", since, "--until", until, "--out", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
-    exported = [json.loads(line) for line in out.read_text().splitlines()]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines[0]["export"]["filters"]["kind"] is None  # the summary line, then the rows
+    exported = [item for item in lines if "seq" in item]
     assert exported and all(since <= r["recorded_at"] <= until for r in exported)
     everything = [r for r in _ledger_rows(ws, kind=None) if since <= r["recorded_at"] <= until]
     assert [r["seq"] for r in exported] == [r["seq"] for r in everything]
