@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -103,19 +104,42 @@ def export(
             },
             "anchor_store": store.location if store is not None else None,
             "anchor_findings": store.findings() if store is not None else [],
-            # The signed records (issue 18's signing) are not exported yet: see README, audit.
-            "signatures": None,
+            "public_keys": public_keys(layout),
         }
     for line in export_lines(rows, anchors, summary=summary):
         out.write(line + "\n")
     return len(rows)
 
 
+def public_keys(layout: Layout) -> list[dict[str, Any]]:
+    """The public keys that verify the ledger's signed records, for the export: the configured
+    ones, else the workspace's development key if one was made (never made here)."""
+    from pipeline_steps.governance import signing
+
+    if os.environ.get(signing.KEY_VARIABLE) or os.environ.get(signing.PUBLIC_KEYS_VARIABLE):
+        keys = signing.load_keys(layout.state)
+        pems, development = list(keys.public_pems), False
+    else:
+        dev = layout.state / signing.KEYS_FOLDER / signing.DEV_PUBLIC_NAME
+        pems, development = ([dev.read_bytes()] if dev.is_file() else []), True
+    return [
+        {"key_id": signing.key_id_of(pem), "pem": pem.decode("ascii"), "development": development}
+        for pem in pems
+    ]
+
+
 def verify_export(path: Path) -> ExportCheck:
-    """Check an export file offline: no database, no anchor store."""
+    """Check an export file offline: no database, no anchor store. Signed records are checked
+    with RADFLOW_SIGNING_PUBLIC_KEYS when the auditor sets it, else with the export's own keys."""
+    from pipeline_steps.governance import signing
+
+    trusted = None
+    if os.environ.get(signing.PUBLIC_KEYS_VARIABLE, "").strip():
+        only_public = {signing.PUBLIC_KEYS_VARIABLE: os.environ[signing.PUBLIC_KEYS_VARIABLE]}
+        trusted = list(signing.load_keys(path.parent, only_public).public_pems)
     try:
         with path.open(encoding="utf-8") as fh:
-            return check_export(fh, str(path))
+            return check_export(fh, str(path), trusted_keys=trusted)
     except (OSError, UnicodeDecodeError) as exc:
         raise ExportError(f"export {path}: cannot be read ({exc})") from None
 

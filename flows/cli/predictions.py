@@ -209,7 +209,8 @@ def _verify_export(path: Path, as_json: bool) -> int:
     else:
         print(
             f"export {path}: {checked.status.upper() if checked.failed else checked.status}; "
-            f"{checked.rows} row(s), {checked.anchors} anchor(s)"
+            f"{checked.rows} row(s), {checked.anchors} anchor(s), {checked.signed} signed "
+            f"record(s) verified with the {checked.keys_from}'s keys"
             + ("" if checked.complete else " (a filtered export: checked what it holds)")
         )
         for problem in checked.problems:

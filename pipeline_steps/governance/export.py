@@ -2,13 +2,16 @@
 its anchors and a summary line, as JSON lines; and the check of such a file without the database
 or the anchor store.
 
-Lines: one `{"export": {...}}` summary first, then the rows (`seq`, ..., `row_hash`, as the ledger
-holds them), then one `{"anchor": {...}}` per anchor. The anchors in the file are copies: compare
-them with the store itself (or an earlier export) when the file's own integrity is in doubt.
+Lines: one `{"export": {...}}` summary first (with `public_keys`, the keys trusted to verify signed
+records), then the rows (`seq`, ..., `row_hash`, as the ledger holds them; a signed record's row
+carries its DSSE envelope), then one `{"anchor": {...}}` per anchor. The anchors and keys in the
+file are copies: compare them with the store and the keys the auditor trusts (an auditor's own
+keys can be passed to the check) when the file's own integrity is in doubt.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ from pipeline_steps.governance.anchors import (
     AnchorError,
 )
 from pipeline_steps.governance.ledger import GENESIS, Entry, row_hash
+from pipeline_steps.governance.signing import SignatureError, verify_envelope
 
 FORMAT = "radflow-audit-export/1"
 BROKEN = "broken"  # a row does not match its own hash or link: edited after export or in the db
@@ -53,6 +57,8 @@ class ExportCheck:
     anchors: int
     complete: bool  # the export holds the whole ledger (no filter)
     problems: tuple[str, ...] = ()
+    signed: int = 0  # rows carrying a signed record whose signature verified
+    keys_from: str = ""  # whose public keys checked the signatures: "export" or "auditor"
     summary: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -66,6 +72,8 @@ class ExportCheck:
             "rows": self.rows,
             "anchors": self.anchors,
             "complete": self.complete,
+            "signed": self.signed,
+            "keys_from": self.keys_from,
             "problems": list(self.problems),
         }
 
@@ -102,9 +110,35 @@ def _parse(
     return summary, rows, anchors
 
 
-def check_export(lines: Iterable[str], where: str = "export") -> ExportCheck:
-    """Re-check every row's hash and link, the row count against the summary, and every anchor
-    against the row it names. A filtered export (a window, one kind) checks what it holds."""
+def _check_signatures(
+    rows: Sequence[Mapping[str, Any]], trusted: Sequence[bytes | str]
+) -> tuple[int, list[str]]:
+    """Each row that carries a DSSE envelope: its signature by a trusted key, and the signed
+    record's sha256 against the one the row holds."""
+    verified, problems = 0, []
+    for row in rows:
+        payload = row.get("payload")
+        if not isinstance(payload, Mapping) or "envelope" not in payload:
+            continue
+        try:
+            signed = verify_envelope(payload["envelope"], trusted)
+        except SignatureError as exc:
+            problems.append(f"row {row.get('seq')}: {exc}")
+            continue
+        expected = payload.get("record_sha256")
+        if expected is not None and hashlib.sha256(signed).hexdigest() != expected:
+            problems.append(f"row {row.get('seq')}: the signed record is not the one it names")
+            continue
+        verified += 1
+    return verified, problems
+
+
+def check_export(
+    lines: Iterable[str], where: str = "export", *, trusted_keys: Sequence[bytes] | None = None
+) -> ExportCheck:
+    """Re-check every row's hash and link, the row count against the summary, every anchor
+    against the row it names, and every signed record against `trusted_keys` (default: the
+    export's own `public_keys`). A filtered export (a window, one kind) checks what it holds."""
     summary, rows, anchors = _parse(lines, where)
     filters = summary.get("filters") or {}
     complete = not any(filters.values())
@@ -131,6 +165,10 @@ def check_export(lines: Iterable[str], where: str = "export") -> ExportCheck:
         problems.append(
             f"the summary counts {summary.get('rows')} rows, the file holds {len(rows)}"
         )
+    exported_keys = [str(k.get("pem", "")) for k in summary.get("public_keys") or ()]
+    trusted = list(trusted_keys) if trusted_keys is not None else exported_keys
+    signed, signature_problems = _check_signatures(rows, trusted)
+    problems += signature_problems
     if problems:
         status = BROKEN
     last = int(summary.get("ledger_last_seq") or 0) if complete else (prev_seq if rows else 0)
@@ -155,4 +193,7 @@ def check_export(lines: Iterable[str], where: str = "export") -> ExportCheck:
             if newest < prev_seq:
                 status = UNANCHORED_TAIL
                 problems.append(f"rows {newest + 1}..{prev_seq} are not anchored")
-    return ExportCheck(status, len(rows), len(anchors), complete, tuple(problems), summary)
+    keys_from = "auditor" if trusted_keys is not None else "export"
+    return ExportCheck(
+        status, len(rows), len(anchors), complete, tuple(problems), signed, keys_from, summary
+    )

@@ -5,6 +5,8 @@ write and is reported; an export verifies offline and a tampered one does not.""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import shutil
 import sqlite3
@@ -241,6 +243,37 @@ def test_an_export_without_anchors_says_so(db):
     )
     assert check_export(lines).status == NOT_ANCHORED
     assert not check_export(lines).failed
+
+
+def test_signed_records_in_an_export_verify_offline_and_a_forged_one_fails(tmp_path, db):
+    from pipeline_steps.governance import signing
+
+    keys = signing.load_keys(tmp_path / "state", {})  # a development pair, made here
+    statement = b'{"decision": "inside the plan"}'
+    envelope = signing.sign_payload(keys, statement, "application/vnd.in-toto+json")
+    payload = {"record_sha256": hashlib.sha256(statement).hexdigest(), "envelope": envelope}
+    with Ledger(url_of(db)) as ledger:
+        ledger.append("change_record", "m:1", payload)
+        rows = ledger.entries()
+    pem = keys.public_pems[0].decode()
+    summary = {"ledger_last_seq": 1, "filters": {}, "public_keys": [{"pem": pem}]}
+    lines = list(export_lines(rows, [], summary=summary))
+    result = check_export(lines)
+    assert result.status == NOT_ANCHORED and result.signed == 1 and result.keys_from == "export"
+
+    # The signed statement changed and the row re-hashed: the chain holds, the signature does not.
+    row = json.loads(lines[1])
+    forged = b'{"decision": "outside the plan"}'
+    row["payload"]["envelope"]["payload"] = base64.b64encode(forged).decode()
+    fields = ("seq", "kind", "subject", "recorded_at", "payload", "prev_hash")
+    row["row_hash"] = row_hash(*(row[f] for f in fields))
+    result = check_export([lines[0], json.dumps(row)])
+    assert result.status == BROKEN and "signature does not match" in result.problems[0]
+
+    # Checked with the auditor's own keys, a record signed by another key is refused.
+    other = signing.load_keys(tmp_path / "other", {}).public_pems[0]
+    result = check_export(lines, trusted_keys=[other])
+    assert result.failed and result.keys_from == "auditor" and "Unknown key" in result.problems[0]
 
 
 # --------------------------------------------------------------------------------------------
