@@ -94,6 +94,10 @@ def test_each_write_batch_anchors_its_head(db, store):
     newest = store.read(6)
     assert newest.row_hash == ledger.head().row_hash and newest.rows == 6
     assert (store.root / anchor_key(6)).stat().st_mode & 0o222 == 0  # written read-only
+    # An anchor holds the head's position and hash only: nothing of any row's subject or payload.
+    stored = json.loads((store.root / anchor_key(6)).read_text())
+    assert set(stored) == {"seq", "row_hash", "anchored_at", "rows"}
+    assert "m:6" not in json.dumps(stored) and "row 6" not in json.dumps(stored)
     check = ledger.check_anchors()
     assert check.status == OK and not check.failed and check.unanchored == 0
     assert ledger.verify().ok
@@ -335,3 +339,16 @@ def test_audit_verify_without_an_anchor_store_says_what_it_cannot_see(ws, capsys
     assert code == 0 and result["status"] == NOT_ANCHORED
     assert "cannot be detected" in result["anchoring"]["problem"]
     assert "RADFLOW_LEDGER_ANCHOR" in result["anchoring"]["problem"]
+
+
+def test_audit_anchor_covers_rows_written_without_anchoring(ws, store, capsys):
+    with Ledger(url_of(ws / "ledger.db")) as bare:  # e.g. the served model, with S3 anchors
+        bare.append("prediction", "p1", {})
+        bare.append("prediction", "p2", {})
+    code, result = audit(ws, capsys, "verify", "--json")
+    assert code == 0 and result["status"] == UNANCHORED_TAIL
+    assert result["anchoring"]["unanchored"] == 2
+    code, out = audit(ws, capsys, "anchor")
+    assert code == 0 and "anchored row 2" in out
+    code, result = audit(ws, capsys, "verify", "--json")
+    assert code == 0 and result["status"] == OK and store.seqs() == [2]
