@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from flows import change_control
 from flows.anchoring import open_ledger
 from flows.registry import (
     GATE,
@@ -40,11 +41,12 @@ from pipeline_steps.governance.lifecycle import (
     lifecycle_map,
     lifecycle_of,
 )
+from pipeline_steps.governance.signing import SignatureError
 from pipeline_steps.serving.serving import INPUT_COLUMN
 
 PIPELINE_ACTOR = "radflow-pipeline"
 # What a run summary (`radflow run`, the nightly flow) shows of the decision in reports/gate.json.
-DECISION_KEYS = ("passed", "reason", "stages", "production_version")
+DECISION_KEYS = ("passed", "reason", "stages", "production_version", "change_record")
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ class GateOutcome:
     result: GateResult
     ledger_row: int
     stages: tuple[str, ...]  # stages the version moved to after the decision
+    change_record: dict[str, Any] | None = None  # its ledger row, sha256, plan verdict, decision
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -136,6 +139,7 @@ class GateOutcome:
             "production_version": self.production_version,
             "ledger_row": self.ledger_row,
             "stages": list(self.stages),
+            "change_record": self.change_record,
             **self.result.as_dict(),
         }
 
@@ -154,6 +158,10 @@ def run_gate(
     gate_params = params.gate
     name = params.register_.model_name
     with governance(layout, params) as (registry, ledger):
+        test = load_test_set(layout)
+        floor = params.test.metrics_score_floor  # the whole score curve, as the test stage sees it
+        # Scored first: a version whose signature fails is refused before anything is recorded.
+        candidate = predict_registered(layout, name, version, test.paths, floor)
         aliases = registry.aliases()
         if (
             lifecycle_of(version, aliases) is None
@@ -171,18 +179,23 @@ def run_gate(
         production = lifecycle_map(registry.aliases()).get("production")
         if production == version:
             production = None
-        test = load_test_set(layout)
-        floor = params.test.metrics_score_floor  # the whole score curve, as the test stage sees it
-        candidate = predict_registered(layout, name, version, test.paths, floor)
         try:
             champion = (
                 predict_registered(layout, name, production, test.paths, floor)
                 if production
                 else None
             )
-            result = evaluate_gate(candidate, champion, test.gts, test.patients, gate_params)
-        except IncomparableModel as exc:
-            # No comparison, no pass: the decision is recorded and a person decides.
+            result = evaluate_gate(
+                candidate,
+                champion,
+                test.gts,
+                test.patients,
+                gate_params,
+                auto_promote=params.change_control.auto_promote,
+            )
+        except (IncomparableModel, SignatureError) as exc:
+            # No comparison, no pass: the decision is recorded and a person decides. (A candidate
+            # that fails its signature was refused above, before anything was recorded.)
             alone = evaluate_gate(candidate, None, test.gts, test.patients, gate_params)
             checks = (*alone.checks[:-1], Check("champion", False, str(exc)))
             result = replace(
@@ -212,8 +225,20 @@ def run_gate(
                 )
             ]
         )
+        # The change record decides where the version goes: the gate's pass, inside the plan.
+        record = change_control.record_gate(
+            layout,
+            params,
+            registry,
+            ledger,
+            version,
+            result,
+            production=production,
+            actor=actor,
+            retrained=bool(run_id),
+        )
         moved = []
-        for stage in result.promote_to:
+        for stage in record.stages:
             if lifecycle_of(version, registry.aliases()) == stage:
                 continue
             promote(
@@ -222,11 +247,18 @@ def run_gate(
                 version,
                 stage,
                 actor=actor,
-                reason=f"gate {result.reason}",
+                reason=f"gate {result.reason}; change control: {record.decision}",
                 evidence=gate_evidence(entry),
             )
             moved.append(stage)
-    outcome = GateOutcome(version, production, result, entry.seq, tuple(moved))
+    summary = {
+        "ledger_row": record.entry.seq,
+        "sha256": record.entry.payload["record_sha256"],
+        "inside_plan": record.predicate["inside_plan"],
+        "violations": [v["rule"] for v in record.predicate["violations"]],
+        "decision": record.decision,
+    }
+    outcome = GateOutcome(version, production, result, entry.seq, tuple(moved), summary)
     layout.gate_report.parent.mkdir(parents=True, exist_ok=True)
     layout.gate_report.write_text(json.dumps(jsonable(outcome.as_dict()), indent=2, sort_keys=True))
     return outcome

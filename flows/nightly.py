@@ -143,6 +143,7 @@ class RunSummary:
     run_id: str | None = None
     gate: dict[str, Any] | None = None
     error: str | None = None
+    change_record: int | None = None  # ledger row of a skipped or failed night's change record
     finished_at: str = ""
     duration_s: float = 0.0
 
@@ -221,9 +222,24 @@ def notify_failure(summary: RunSummary, url: str) -> bool:
     return False
 
 
-def _finish(layout: Layout, summary: RunSummary, started: float) -> None:
+def record_change(layout: Layout, params: Params, summary: RunSummary) -> None:
+    """A night that trained nothing (skipped or failed) leaves a signed change record too; a trained
+    night's record is the gate's. Never raises: the record must not hide what the night did."""
+    if summary.status not in ("skipped", "failed"):
+        return
+    try:
+        from flows.change_control import record_night
+
+        entry = record_night(layout, params, summary.as_dict())
+        summary.change_record = entry.seq
+    except Exception as exc:
+        log.error("the nightly run's change record could not be written: %s", exc)
+
+
+def _finish(layout: Layout, params: Params, summary: RunSummary, started: float) -> None:
     summary.finished_at = _now()
     summary.duration_s = round(time.monotonic() - started, 2)
+    record_change(layout, params, summary)
     append_summary(layout, summary)
     try:
         from prefect.artifacts import create_markdown_artifact
@@ -292,6 +308,7 @@ def _crashed(flow: Any, flow_run: Any, state: Any) -> None:
             status="failed",
             error=f"crashed: {state.message}",
         )
+        record_change(layout, params, summary)
         append_summary(layout, summary)
         notify_failure(summary, webhook_url(params.nightly))
     except Exception as exc:
@@ -318,7 +335,7 @@ def nightly_retraining(workspace: str, force: bool = False) -> dict[str, Any]:
         notify_failure(run, webhook_url(params.nightly))
         raise
     finally:
-        _finish(layout, run, started)
+        _finish(layout, params, run, started)
     return run.as_dict()
 
 

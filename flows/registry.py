@@ -23,6 +23,7 @@ from flows.tracking import public_uri as _public_uri
 from pipeline_steps.core.config import Params
 from pipeline_steps.core.errors import TrackingError
 from pipeline_steps.core.layout import Layout
+from pipeline_steps.governance.change_control import latest_judged, plan_requirements
 from pipeline_steps.governance.ledger import (
     Entry,
     Ledger,
@@ -301,8 +302,8 @@ def gate_evidence(entry: Entry) -> dict[str, Any]:
 def requirements(
     registry: ModelRegistry, ledger: Ledger, info: VersionInfo, stage: str
 ) -> tuple[list[str], dict[str, Any] | None]:
-    """What keeps `info` from `stage` (empty: nothing; governance/lifecycle's rule), and the gate
-    evidence found."""
+    """What keeps `info` from `stage` (empty: nothing; governance/lifecycle's rule, and the change
+    control plan: a change outside it goes nowhere past candidate), and the gate evidence found."""
     gate = latest_gate(ledger, registry.model_name, info.version)
     decision = (
         GateDecision(bool(gate.payload.get("passed")), str(gate.payload.get("reason")), gate.seq)
@@ -316,6 +317,10 @@ def requirements(
         info.tags.get("validation_passed"),
         info.tags.get("data_version", "?"),
     )
+    if parse_lifecycle(stage) != "candidate":
+        unmet += plan_requirements(
+            latest_judged(ledger, registry.model_name, info.version), info.version
+        )
     return unmet, gate_evidence(gate) if gate else None
 
 

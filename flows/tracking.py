@@ -296,6 +296,44 @@ def log_and_register(layout: Layout, registration: Registration, model_path: Pat
     return result
 
 
+def run_record(layout: Layout, run_id: str) -> tuple[dict[str, str], dict[str, float]]:
+    """The params and (latest) metrics a run logged: what a version was trained with and scored."""
+    uri = tracking_uri(layout)
+    try:
+        data = mlflow_client(uri).get_run(run_id).data
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise TrackingError(
+            f"MLflow at {public_uri(uri)}: cannot read run {run_id} ({first})"
+        ) from None
+    return dict(data.params), {k: float(v) for k, v in data.metrics.items()}
+
+
+def run_artifact(layout: Layout, run_id: str, path: str) -> bytes | None:
+    """One artifact file of a run, or None when the run has none at `path`."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(layout))
+    with tempfile.TemporaryDirectory(prefix="radflow-artifact-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=path, dst_path=tmp
+            )
+        except Exception:
+            return None
+        return Path(local).read_bytes() if Path(local).is_file() else None
+
+
+def log_run_files(layout: Layout, run_id: str, files: dict[str, bytes], artifact_path: str) -> None:
+    """Files (name -> content) logged to an existing run under `artifact_path`."""
+    client = mlflow_client(tracking_uri(layout))
+    with tempfile.TemporaryDirectory(prefix="radflow-log-") as tmp:
+        for name, content in files.items():
+            target = Path(tmp) / name
+            target.write_bytes(content)
+            client.log_artifact(run_id, str(target), artifact_path=artifact_path)
+
+
 CHAMPION_ALIAS = "production"  # the registry alias of the champion (also `champion`; see registry)
 
 

@@ -123,9 +123,11 @@ def decide_gate(
     params: GateParams,
     n_images: int,
     n_patients: int,
+    auto_promote: bool = False,
 ) -> GateResult:
     """Pass only if every absolute threshold holds and, when there is a production model, the
-    candidate beats it by at least `min_delta` with the CI's lower bound above 0."""
+    candidate beats it by at least `min_delta` with the CI's lower bound above 0. A pass goes to
+    staging, and on to production with `auto_promote` (change_control.auto_promote)."""
     checks = []
     for name, floor in sorted(params.thresholds.items()):
         value = candidate_metrics.get(name, float("nan"))
@@ -163,7 +165,7 @@ def decide_gate(
     passed = not failed
     promote_to: tuple[str, ...] = ()
     if passed:
-        promote_to = ("staging", "production") if params.auto_promote else ("staging",)
+        promote_to = ("staging", "production") if auto_promote else ("staging",)
     reason = (
         ("failed: " + "; ".join(failed))
         if failed
@@ -196,6 +198,7 @@ def evaluate_gate(
     gts: Sequence[np.ndarray],
     patient_ids: Sequence[Hashable],
     params: GateParams,
+    auto_promote: bool = False,
 ) -> GateResult:
     """Score the candidate (and production, on the same images) and decide.
 
@@ -223,4 +226,5 @@ def evaluate_gate(
         params,
         n_images=len(gts),
         n_patients=len(set(patient_ids)),
+        auto_promote=auto_promote,
     )

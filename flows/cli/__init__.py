@@ -1,7 +1,7 @@
 """The `radflow` command line: the parser, start-up (environment, logging) and error reporting.
 
 Each command group lives in a module of its own: `data` (init, synth, ingest, run, step), `registry`
-(models, promote, rollback), `nightly` (nightly, schedule, server) and `predictions` (predict,
+(models, promote, rollback), `changes` (change-control records), `nightly` (nightly, schedule, server) and `predictions` (predict,
 serve-api, audit, trace). Commands import what they need when they run, so `--help` stays fast.
 
 Exit codes follow MLflow, DVC and Prefect: 0 success, 1 a failure (a RadflowError, a failed batch,
@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
-from flows.cli import data, nightly, predictions, registry
+from flows.cli import changes, data, nightly, predictions, registry
 from flows.cli.common import (
     PHI_UMASK,
     CommandParser,
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The order of `radflow --help`.
     data.add_commands(sub)
     registry.add_commands(sub)
+    changes.add_commands(sub)
     nightly.add_commands(sub)
     predictions.add_commands(sub)
     return parser

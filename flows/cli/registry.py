@@ -160,6 +160,17 @@ def cmd_promote(args: argparse.Namespace) -> int:
             force=args.force,
             allowed=PROMOTE_TO,
         )
+        if args.force:  # an override is a change record of its own
+            from flows import change_control
+
+            change_control.record_override(
+                layout,
+                params,
+                ledger,
+                done,
+                actor=done.entries[0].payload["actor"],
+                reason=args.reason,
+            )
     _print_transition(done)
     return 0
 

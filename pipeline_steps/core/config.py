@@ -11,7 +11,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline_steps.core.change_control_params import ChangeControlParams
 from pipeline_steps.core.errors import ConfigError
+from pipeline_steps.core.params_migrations import migrate
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +302,6 @@ class GateParams(_Section):
     n_boot: int = Field(500, ge=20, description="patient-level paired bootstrap replicates")
     ci_level: float = Field(0.95, gt=0.5, lt=1.0)
     seed: int = 0
-    auto_promote: bool = Field(False, description="a passing candidate goes on to production")
 
 
 class RegisterParams(_Section):
@@ -393,6 +394,7 @@ class Params(_Section):
     gate: GateParams = GateParams()
     nightly: NightlyParams = NightlyParams()
     pacs: PacsParams = PacsParams()
+    change_control: ChangeControlParams = ChangeControlParams()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -404,28 +406,9 @@ class Params(_Section):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _moved_sections(raw: dict[str, Any], source: str) -> dict[str, Any]:
-    """The gate's section was `register.gate` before it became the `gate` stage's own: an older
-    params.yaml still loads, with a warning that says what to change."""
-    register = raw.get("register")
-    if not (isinstance(register, dict) and "gate" in register):
-        return raw
-    if "gate" in raw:
-        raise ConfigError(
-            f"{source}: both `gate` and `register.gate` are set; keep only the top-level `gate` section"
-        )
-    log.warning(
-        "%s: `register.gate` is now the top-level `gate` section (read from there this time); "
-        "move it to silence this warning",
-        source,
-    )
-    moved = {k: v for k, v in register.items() if k != "gate"}
-    return {**raw, "register": moved, "gate": register["gate"]}
-
-
 def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
     """Validate a parsed params mapping; errors name the dotted key and the file."""
-    raw = _moved_sections(raw, source)
+    raw = migrate(raw, source)
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:

@@ -190,6 +190,11 @@ class Layout:
     def registration(self) -> Path:
         return self.reports / "registration.json"
 
+    @property
+    def model_card(self) -> Path:
+        """The model card of the version last gated here (model_card.json, model_card.html)."""
+        return self.reports / "model_card"
+
     # local state that is not data: checkpoints, embedded MLflow store
     @property
     def state(self) -> Path:

@@ -69,6 +69,12 @@ def summaries(layout) -> list[dict]:
     return [json.loads(line) for line in layout.nightly_log.read_text().splitlines()]
 
 
+def records(layout) -> list[dict]:
+    from flows.change_control import list_records
+
+    return list_records(layout)
+
+
 def tracking(layout) -> str:
     return f"sqlite:///{layout.mlflow_db}"
 
@@ -88,6 +94,7 @@ def test_the_first_night_syncs_versions_pushes_trains_and_summarizes(night):
     stored = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket="dvc-store")["Contents"]]
     assert f"radflow/files/md5/{md5[:2]}/{md5[2:-4]}.dir" in stored
     assert first["gate"] is not None and first["gate"]["passed"] is True  # first version: no rival
+    assert first["gate"]["change_record"]["inside_plan"] is True  # no baseline to break a rule of
     assert summaries(layout) == [first]
     assert registered_versions(tracking(layout)) == ["1"]
     assert decision.read_last_run(layout).fingerprint.data_version == md5
@@ -125,6 +132,9 @@ def test_an_unchanged_night_is_skipped_and_trains_nothing(night):
     assert layout.model.stat().st_mtime_ns == trained_at
     assert registered_versions(tracking(layout)) == ["1"]
     assert summaries(layout)[-1] == second
+    (record,) = [r for r in records(layout) if r["ledger_row"] == second["change_record"]]
+    assert record["kind"] == "skipped" and record["signature"] == "verified"
+    assert record["version"] == "1" and "unchanged" in record["decision"]
 
 
 def test_radflow_run_says_up_to_date_and_registers_nothing(night, capsys):
@@ -250,6 +260,9 @@ def test_an_s3_outage_fails_the_night_notifies_and_keeps_nothing(
     assert layout.landing_seen.read_text() == seen_before
     assert not (layout.state / "landing" / "incoming").exists()
     assert registered_versions(tracking(layout)) == ["1"]
+    (record,) = [r for r in records(layout) if r["ledger_row"] == failed["change_record"]]
+    assert record["kind"] == "failed" and record["signature"] == "verified"
+    assert "LandingError" in record["decision"]
 
 
 def _checkpoint_epochs(layout) -> int:

@@ -362,7 +362,7 @@ def test_params_hash_ignores_the_gate_policy():
     from pipeline_steps.register import params_hash
 
     base = Params()
-    other_gate = base.model_copy(update={"gate": GateParams(min_delta=0.1, auto_promote=True)})
+    other_gate = base.model_copy(update={"gate": GateParams(min_delta=0.1, n_boot=100)})
     other_name = base.model_copy(update={"register_": RegisterParams(model_name="other")})
     assert params_hash(base) == params_hash(other_gate)
     assert params_hash(base) != params_hash(other_name)
@@ -388,7 +388,7 @@ def test_the_first_version_passes_its_gate_to_staging(fresh):
             for e in ledger.entries(kind="transition")
         ]
         gate = ledger.entries(kind="gate")[0]
-    assert kinds == ["transition", "gate", "transition"]
+    assert kinds == ["transition", "gate", "change_record", "transition"]
     assert moves == [(None, "candidate"), ("candidate", "staging")]
     assert gate.payload["passed"] and gate.payload["n_images"] == 4
     assert str(gate.seq) == reg.version("1").tags["gate.ledger_row"]

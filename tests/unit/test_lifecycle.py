@@ -195,9 +195,7 @@ def test_gate_passes_a_better_candidate_to_staging_only_without_auto_promote():
         result.candidate - result.production
     )
     assert result.ci_low > 0 and result.n_patients == 30 and result.n_images == 60
-    auto = evaluate_gate(
-        good, poor, gts, patients, params.model_copy(update={"auto_promote": True})
-    )
+    auto = evaluate_gate(good, poor, gts, patients, params, auto_promote=True)
     assert auto.promote_to == ("staging", "production")
 
 
