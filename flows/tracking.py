@@ -31,6 +31,7 @@ import numpy as np
 from pipeline_steps.core.errors import TrackingError
 from pipeline_steps.core.files import write_text_atomic
 from pipeline_steps.core.layout import Layout
+from pipeline_steps.governance import signing
 from pipeline_steps.register import Registration
 
 if TYPE_CHECKING:
@@ -40,6 +41,13 @@ PYFUNC_NAME = "model"  # the registered pyfunc, under the run's artifacts
 KERAS_NAME = "keras_model"  # the Keras-native copy, for reuse (fine-tuning, export)
 MANIFEST_ARTIFACT = "lineage/train_manifest.csv"
 STREAM_ARTIFACT = "lineage/training_stream.json"  # the streamed synthetic studies, by identity
+# Every logged model of a version is signed (model-signing bundles under the run's `signing/`):
+# the pyfunc that is served and the Keras copy that the next training fine-tunes from.
+SIGNED_MODELS = (PYFUNC_NAME, KERAS_NAME)
+SIGNATURE_FOLDER = "signing"
+SBOM_ARTIFACT = "sbom/cyclonedx.json"  # the installed environment, as registered (CycloneDX JSON)
+SIGNATURE_KEY_TAG, SIGNATURE_TAG = "signature_key_id", "signature"
+NOT_SIGNED = "it is not signed"
 
 
 @dataclass(frozen=True)
@@ -72,8 +80,10 @@ def mlflow_client(uri: str) -> MlflowClient:
 
 
 def load_pyfunc(layout: Layout, model_name: str, version: str) -> Any:
-    """The registered pyfunc of `version`, as MLflow loads it. Any failure is a TrackingError that
-    names the version and the store (credentials stripped) and MLflow's first line of explanation."""
+    """The registered pyfunc of `version`, loaded from a folder whose files were first verified
+    against the version's signature (a SignatureError, naming the version, when they do not). Any
+    other failure is a TrackingError that names the version and the store (credentials stripped)
+    and MLflow's first line of explanation."""
     import mlflow
 
     import pipeline_steps.serving.pyfunc  # noqa: F401  (unpickling then uses this process's radflow)
@@ -83,16 +93,23 @@ def load_pyfunc(layout: Layout, model_name: str, version: str) -> Any:
     # radflow is installed, so that copy (only the serving modules) must not shadow it: a module
     # imported later, or by a spawned child that inherits sys.path, would not be found.
     path = list(sys.path)
-    try:
-        mlflow.set_tracking_uri(uri)
-        return mlflow.pyfunc.load_model(f"models:/{model_name}/{version}")
-    except Exception as exc:
-        why = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise TrackingError(
-            f"cannot load {model_name} version {version} from {public_uri(uri)}: {why}"
-        ) from None
-    finally:
-        sys.path[:] = path
+    with verified_model(layout, model_name, version, PYFUNC_NAME) as folder:
+        try:
+            mlflow.set_tracking_uri(uri)
+            # The verified copy itself: what is loaded is what was checked (no second download).
+            return mlflow.pyfunc.load_model(str(folder))
+        except Exception as exc:
+            raise TrackingError(
+                f"cannot load {model_name} version {version} from {public_uri(uri)}: {_first(exc)}"
+            ) from None
+        finally:
+            sys.path[:] = path
+
+
+def _first(exc: BaseException) -> str:
+    """An exception's first line, for a message."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def _experiment_id(client: MlflowClient, name: str, layout: Layout) -> str:
@@ -231,7 +248,11 @@ def log_and_register(layout: Layout, registration: Registration, model_path: Pat
     a version tagged with its lineage."""
     import mlflow
 
+    from flows import sbom
+
     uri = tracking_uri(layout)
+    # A signing key that cannot be read fails here, before a version exists that it could not sign.
+    signing.check_can_sign(signing.load_keys(layout.state))
     mlflow.set_tracking_uri(uri)
     client = mlflow_client(uri)
     try:
@@ -245,6 +266,9 @@ def log_and_register(layout: Layout, registration: Registration, model_path: Pat
         tempfile.TemporaryDirectory(prefix="radflow-register-") as tmp,
     ):
         scratch = Path(tmp)
+        # The environment the version is registered from, made first: a failure leaves no version.
+        sbom_file = sbom.environment_sbom(scratch / Path(SBOM_ARTIFACT).name)
+        mlflow.log_artifact(str(sbom_file), artifact_path=str(Path(SBOM_ARTIFACT).parent))
         mlflow.set_tags(registration.tags)
         mlflow.log_params(registration.params)
         for name, values in registration.history.items():
@@ -286,6 +310,9 @@ def log_and_register(layout: Layout, registration: Registration, model_path: Pat
             version = _log_models(registration, model_path, scratch)
         finally:
             sys.path[:] = path
+        # Signed before the fingerprint tags: a version whose signing failed is not found again
+        # by find_same_registration, so a retry registers a signed one.
+        sign_version(layout, registration.model_name, version)
         for key, tag in registration.tags.items():
             client.set_model_version_tag(registration.model_name, version, key, tag)
         result = Registered(run.info.run_id, registration.model_name, version)
@@ -390,8 +417,10 @@ def load_champion(layout: Layout, model_name: str) -> tuple[Champion | None, str
             if CHAMPION_ALIAS not in aliases:
                 return None, f"no version of {model_name} holds the alias {CHAMPION_ALIAS!r}"
             mv = client.get_model_version(model_name, aliases[CHAMPION_ALIAS])
-            source = f"runs:/{mv.run_id}/{KERAS_NAME}"
-            model = mlflow.keras.load_model(source)
+            with verified_model(layout, model_name, str(mv.version), KERAS_NAME) as folder:
+                model = mlflow.keras.load_model(str(folder))
+    except signing.SignatureError as exc:  # a champion whose files do not verify is not used
+        return None, f"the champion is not used: {exc}"
     except Exception as exc:
         first = str(exc).splitlines()[0][:300] if str(exc) else ""
         return (
@@ -400,3 +429,163 @@ def load_champion(layout: Layout, model_name: str) -> tuple[Champion | None, str
             f"({type(exc).__name__}: {first})",
         )
     return Champion(model, model_name, str(mv.version), str(mv.run_id or "")), ""
+
+
+# --------------------------------------------------------------------------------------------
+# Signatures: each logged model of a version is signed as a load downloads it, and every load
+# verifies the downloaded files before loading them from that same folder
+
+
+def _model_uri(model_name: str, version: str, run_id: str, which: str) -> str:
+    # The pyfunc as the registry serves it; the Keras copy as load_champion has always found it.
+    return f"models:/{model_name}/{version}" if which == PYFUNC_NAME else f"runs:/{run_id}/{which}"
+
+
+def _download_model(uri: str, model_uri: str, dst: Path) -> Path:
+    import mlflow
+
+    dst.mkdir(parents=True)
+    # MLflow resolves a models:/ URI partly through the process's tracking URI, whatever is passed.
+    mlflow.set_tracking_uri(uri)
+    found = mlflow.artifacts.download_artifacts(
+        artifact_uri=model_uri, dst_path=str(dst), tracking_uri=uri, registry_uri=uri
+    )
+    return Path(found)
+
+
+@dataclass(frozen=True)
+class SignatureCheck:
+    """One logged model of a version against its signature: the key that signed it, or the problem."""
+
+    model: str  # PYFUNC_NAME | KERAS_NAME
+    key_id: str
+    development: bool
+    problem: str = ""  # empty: verified
+
+
+def _check(
+    client: MlflowClient, uri: str, keys: signing.SigningKeys, mv: Any, which: str, scratch: Path
+) -> tuple[Path, SignatureCheck] | None:
+    """Download one logged model of `mv` and its signature under `scratch` and verify them; None
+    for a Keras copy that neither exists nor was signed (versions from before it existed)."""
+    run_id = str(mv.run_id or "")
+    scratch.mkdir(parents=True)
+    try:
+        found: Path | None = Path(
+            client.download_artifacts(run_id, f"{SIGNATURE_FOLDER}/{which}.sig", str(scratch))
+        )
+    except Exception:  # MlflowException: the run has no such artifact
+        found = None
+    model_uri = _model_uri(str(mv.name), str(mv.version), run_id, which)
+    try:
+        folder = _download_model(uri, model_uri, scratch / which)
+    except Exception:
+        if which == KERAS_NAME and found is None:
+            return None
+        raise
+    if found is None or not found.is_file():
+        why = (
+            f"its signature {SIGNATURE_FOLDER}/{which}.sig is missing from run {run_id} (removed "
+            "after signing?)"
+            if SIGNATURE_KEY_TAG in dict(mv.tags or {})
+            else NOT_SIGNED
+        )
+        return folder, SignatureCheck(which, "", False, why)
+    try:
+        key_id = signing.verify_model(keys, folder, found)
+    except signing.SignatureError as exc:
+        return folder, SignatureCheck(which, "", False, str(exc))
+    return folder, SignatureCheck(which, key_id, keys.development)
+
+
+def _open_version(layout: Layout, model_name: str, version: str) -> tuple[MlflowClient, str, Any]:
+    """The client, store URI and registry entry of `version`; a TrackingError naming the version
+    and the store (credentials stripped) when it cannot be read."""
+    uri = tracking_uri(layout)
+    try:
+        client = mlflow_client(uri)
+        return client, uri, client.get_model_version(model_name, str(version))
+    except Exception as exc:
+        raise TrackingError(
+            f"cannot load {model_name} version {version} from {public_uri(uri)}: {_first(exc)}"
+        ) from None
+
+
+def check_signatures(layout: Layout, model_name: str, version: str) -> list[SignatureCheck]:
+    """Each logged model of `version` verified against its signature (nothing raised for a failed
+    check: `radflow models verify` reports them)."""
+    keys = signing.load_keys(layout.state)
+    client, uri, mv = _open_version(layout, model_name, version)
+    checks = []
+    with tempfile.TemporaryDirectory(prefix="radflow-verify-") as tmp:
+        for which in SIGNED_MODELS:
+            try:
+                checked = _check(client, uri, keys, mv, which, Path(tmp) / which)
+            except Exception as exc:
+                checks.append(
+                    SignatureCheck(which, "", False, f"cannot download it: {_first(exc)}")
+                )
+                continue
+            if checked is not None:
+                checks.append(checked[1])
+    return checks
+
+
+def unsigned_advice(model_name: str, version: str) -> str:
+    return (
+        f"{model_name} version {version} is not signed (registered before radflow signed its "
+        "models?), so it is not loaded. If you trust its files, sign them deliberately: "
+        f"`radflow models sign {version} --reason '...'` (who signed and why go to the audit ledger)."
+    )
+
+
+@contextmanager
+def verified_model(layout: Layout, model_name: str, version: str, which: str) -> Iterator[Path]:
+    """A private local copy of one logged model of `version`, verified against its signature with
+    the trusted keys; the caller loads from it. Refused (SignatureError naming the version and what
+    failed) when files changed, the signature is missing or its key is unknown."""
+    keys = signing.load_keys(layout.state)
+    client, uri, mv = _open_version(layout, model_name, version)
+    with tempfile.TemporaryDirectory(prefix="radflow-verified-") as tmp:
+        try:
+            checked = _check(client, uri, keys, mv, which, Path(tmp) / which)
+        except Exception as exc:
+            checked, why = None, _first(exc)
+        else:
+            why = f"the version has no {which}"
+        if checked is None:
+            raise TrackingError(
+                f"cannot load {model_name} version {version} from {public_uri(uri)}: {why}"
+            )
+        folder, check = checked
+        if check.problem == NOT_SIGNED:
+            raise signing.SignatureError(unsigned_advice(model_name, version))
+        if check.problem:
+            raise signing.SignatureError(
+                f"refusing to load {model_name} version {version}: {which}: {check.problem}"
+            )
+        yield folder
+
+
+def sign_version(layout: Layout, model_name: str, version: str) -> dict[str, str]:
+    """Sign each logged model of `version` as a load downloads it, log the signatures to its run
+    and tag the version; returns the tags."""
+    keys = signing.load_keys(layout.state)
+    client, uri, mv = _open_version(layout, model_name, version)
+    with tempfile.TemporaryDirectory(prefix="radflow-sign-") as tmp:
+        signatures = Path(tmp) / SIGNATURE_FOLDER
+        signatures.mkdir()
+        for which in SIGNED_MODELS:
+            model_uri = _model_uri(model_name, str(version), str(mv.run_id), which)
+            try:
+                folder = _download_model(uri, model_uri, Path(tmp) / "models" / which)
+            except Exception:
+                if which == KERAS_NAME:  # a version from before the Keras copy existed
+                    continue
+                raise
+            signing.sign_model(keys, folder, signatures / f"{which}.sig")
+        client.log_artifacts(str(mv.run_id), str(signatures), artifact_path=SIGNATURE_FOLDER)
+    tags = {SIGNATURE_KEY_TAG: str(keys.key_id), SIGNATURE_TAG: keys.mark}
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, str(version), key, value)
+    return tags

@@ -1,4 +1,5 @@
-"""`radflow models | promote | rollback`: the model registry's versions, stages and their history."""
+"""`radflow models | promote | rollback`: the model registry's versions, stages and their history
+(`models verify | sign`: a version's signatures, in flows/cli/signatures.py)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     from flows.anchoring import open_ledger
 
     layout, params = _open(args)
+    if args.action in ("verify", "sign"):
+        from flows.cli import signatures
+
+        command = signatures.cmd_verify if args.action == "verify" else signatures.cmd_sign
+        return command(args, layout, params)
     model_name = params.register_.model_name
     if args.action == "history" or args.at is not None:
         # The history is the ledger's alone: MLflow is not opened.
@@ -194,7 +200,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser(
         "models", help="model versions with stage, metrics, data version and who promoted them"
     )
-    p.add_argument("action", nargs="?", choices=["history"], help="history: every stage transition")
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=["history", "verify", "sign"],
+        help="history: every stage transition; verify N: check version N's files against its "
+        "signature; sign N --reason WHY: sign version N deliberately (recorded in the ledger)",
+    )
+    p.add_argument("version", nargs="?", help="with verify or sign: the model version number")
     p.add_argument(
         "--at",
         type=instant,
@@ -202,6 +215,13 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="with history: which version held each stage at TIME (ISO-8601; UTC if no zone)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--reason", help="with sign: why; kept in the audit ledger")
+    p.add_argument("--actor", help="with sign: who (default: $RADFLOW_ACTOR, else the login name)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with sign: sign even though an existing signature fails to verify (recorded)",
+    )
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("promote", help="move a model version to staging or production")

@@ -441,6 +441,14 @@ def test_a_production_model_the_gate_cannot_score_fails_the_gate_cleanly(fresh):
         )
     old = str(info.registered_model_version)
     reg.client.set_registered_model_alias(MODEL, "production", old)
+    # Unsigned, as registered before signing: refused, so not compared, and the gate fails.
+    outcome = run_gate(layout, params, "1")
+    assert not outcome.result.passed and f"version {old} is not signed" in outcome.result.reason
+    reg.client.delete_registered_model_alias(MODEL, "candidate")
+    # Signed deliberately, it loads, and the gate finds it takes no DICOM.
+    from flows.tracking import sign_version
+
+    sign_version(layout, MODEL, old)
     outcome = run_gate(layout, params, "1")
     assert not outcome.result.passed and "does not take DICOM input" in outcome.result.reason
     assert outcome.production_version == old

@@ -16,12 +16,13 @@ def test_a_version_that_cannot_be_loaded_is_named_with_the_store(tmp_path: Path,
 
 
 def test_an_error_without_a_message_still_gives_a_reason(tmp_path: Path, monkeypatch):
-    import mlflow.pyfunc
+    from mlflow.tracking import MlflowClient
 
-    def silent(_uri: str) -> None:
+    def silent(*_args: object) -> None:
         raise RuntimeError()  # no text: the reason falls back to the exception's type
 
-    monkeypatch.setattr(mlflow.pyfunc, "load_model", silent)
+    # The first MLflow call of a load: the version is looked up before its files are verified.
+    monkeypatch.setattr(MlflowClient, "get_model_version", silent)
     with pytest.raises(TrackingError, match=r"version 1 from .*: RuntimeError$"):
         tracking.load_pyfunc(Layout(tmp_path), "m", "1")
 
@@ -32,6 +33,11 @@ def test_credentials_in_the_store_uri_never_reach_the_message(tmp_path: Path, mo
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://radflow:s3cret@127.0.0.1:1/mlflow")
     monkeypatch.setattr(
         mlflow.pyfunc, "load_model", lambda _uri: (_ for _ in ()).throw(OSError("x"))
+    )
+    monkeypatch.setattr(
+        mlflow.tracking.MlflowClient,
+        "get_model_version",
+        lambda *_a: (_ for _ in ()).throw(OSError("x")),
     )
     with pytest.raises(TrackingError) as caught:
         tracking.load_pyfunc(Layout(tmp_path), "m", "1")
