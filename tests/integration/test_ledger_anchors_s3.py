@@ -146,3 +146,38 @@ def test_anchoring_a_postgresql_ledger(postgres, store):
         with Ledger(url, anchors=store) as ledger:
             assert ledger.verify().ok
             assert ledger.check_anchors().status == TRUNCATED
+
+
+def test_the_commands_anchor_to_s3_and_an_export_verifies_offline(
+    tmp_path, store, capsys, monkeypatch
+):
+    """`radflow audit` with RADFLOW_LEDGER_ANCHOR=s3://...: the commands' ledger anchors there,
+    verify reads it back, and the export checks out with S3 gone."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import flows.cli
+    from flows.anchoring import open_ledger
+    from flows.cli import main
+
+    source = Path(__file__).resolve().parents[2]
+    ws = tmp_path / "ws"
+    (ws / ".dvc").mkdir(parents=True)
+    shutil.copyfile(source / "params.yaml", ws / "params.yaml")
+    shutil.copyfile(source / "dvc.yaml", ws / "dvc.yaml")
+    monkeypatch.setattr(flows.cli, "_setup_environment", lambda: None)
+    monkeypatch.delenv("RADFLOW_LEDGER_URL", raising=False)
+    with open_ledger(ws) as ledger:
+        write(ledger, [1, 2])
+    assert main(["--workspace", str(ws), "audit", "verify", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["status"] == OK and result["anchoring"]["location"] == f"s3://{BUCKET}/{PREFIX}"
+    assert result["anchoring"]["anchors"] == 2 and result["anchoring"]["last_anchored"] == 3
+
+    out = tmp_path / "audit.jsonl"
+    assert main(["--workspace", str(ws), "audit", "export", "--out", str(out)]) == 0
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # S3 gone: offline
+    assert main(["audit", "verify", "--export", str(out), "--json"]) == 0
+    checked = json.loads(capsys.readouterr().out)
+    assert checked["status"] == OK and checked["rows"] == 3 and checked["anchors"] == 2
