@@ -387,7 +387,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser(
         "trace", help="a prediction's model, run, data version, validation and training images"
     )
-    p.add_argument("prediction_id", help="a record's prediction_id (a ULID)")
+    p.add_argument(
+        "prediction_id",
+        help="a record's prediction_id (a ULID), or the SOP Instance UID of an SR that "
+        "`radflow pacs watch` stored",
+    )
     p.add_argument("--json", action="store_true", help="one machine-readable object")
     p.add_argument(
         "--regenerate",

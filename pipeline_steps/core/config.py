@@ -369,6 +369,13 @@ class PacsWatchParams(_Section):
     """`radflow pacs watch` (flows/pacs_watch.py): polling for new studies, and the SR stored back."""
 
     interval_s: float = Field(30.0, gt=0.0, le=86400.0)  # between polls
+    modalities: tuple[str, ...] = ("DX", "CR")  # ModalitiesInStudy of the studies watched
+    # Studies dated from this many days before today (the StudyDate window); 0: any date (the
+    # handled set keeps studies from being predicted twice, but every poll lists them all).
+    lookback_days: int = Field(2, ge=0, le=3650)
+    series_number: int = Field(9001, ge=1, le=2**31 - 1)  # of the SR series radflow adds to a study
+    # The operating point of the boxes stored in the PACS; None: the model version's own.
+    score_threshold: float | None = Field(None, ge=0.0, le=1.0)
 
 
 class PacsParams(_Section):

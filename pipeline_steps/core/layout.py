@@ -325,6 +325,20 @@ class Layout:
     def landing_quarantine_report(self) -> Path:
         return self.reports / "landing_quarantine.csv"
 
+    # the PACS watcher (`radflow pacs watch`): the keyed hashes of what it handled, no UID
+    @property
+    def pacs_watch_state(self) -> Path:
+        return self.state / "pacs_watch"
+
+    @property
+    def pacs_watch_handled(self) -> Path:
+        return self.pacs_watch_state / "handled.json"
+
+    @property
+    def pacs_watch_lock(self) -> Path:
+        """One poll at a time per workspace (the service and the deployment may both run)."""
+        return self.pacs_watch_state / "poll.lock"
+
     # stage outputs that flows/ reads (the run decision, MLflow logging, audit traces)
     @property
     def gx_dir(self) -> Path:

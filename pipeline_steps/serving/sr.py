@@ -189,13 +189,16 @@ def build_sr(
     series_number: int = 9001,
     instance_number: int = 1,
     manufacturer: str = "radflow",
+    sop_instance_uid: str | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """A TID 1500 Comprehensive SR with one TID 1410 planar ROI group per box, in the source's study.
 
     `source` is the image header (pixels not needed); `boxes` are dicts with `BOX_KEYS` in original
     pixel coordinates. UIDs are derived from the prediction id, model and study, so rebuilding the
     same prediction gives the same SR instance and all of one model's SRs of a study share a series.
-    Raises DataError naming the prediction id (never a header value) on unusable input.
+    `sop_instance_uid` overrides the SR's own UID (the PACS watcher's `report_uid`, fixed before the
+    prediction is recorded). Raises DataError naming the prediction id (never a header value) on
+    unusable input.
     """
     if not _SAFE_ID.fullmatch(str(prediction_id)):
         raise DataError(
@@ -276,9 +279,8 @@ def build_sr(
                     entropy_srcs=["radflow-sr-series", study, name, version]
                 ),
                 series_number=series_number,
-                sop_instance_uid=generate_uid(
-                    entropy_srcs=["radflow-sr", prediction_id, name, version]
-                ),
+                sop_instance_uid=sop_instance_uid
+                or generate_uid(entropy_srcs=["radflow-sr", prediction_id, name, version]),
                 instance_number=instance_number,
                 manufacturer=maker,
                 manufacturer_model_name=name,
@@ -296,6 +298,16 @@ def build_sr(
                 f"prediction {prediction_id}: the source's patient/study attributes cannot go into "
                 f"an SR ({type(exc).__name__}); check the file with a DICOM validator (dciodvfy)"
             ) from None
+
+
+def report_uid(instance_key: str, model_name: str, model_version: str) -> str:
+    """The SOP Instance UID of the SR that `model_name` version `model_version` stores for one source
+    instance, named by its keyed UID hash: the same for every attempt, so a retried STOW stores the
+    same instance again (a PACS keeps one), and known before the prediction is recorded, so the
+    ledger row can name it. Derived from the keyed hash, never from the source UID itself."""
+    return str(
+        generate_uid(entropy_srcs=["radflow-pacs-sr", instance_key, model_name, model_version])
+    )
 
 
 # --------------------------------------------------------------------------------------------
