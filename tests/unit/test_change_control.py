@@ -227,3 +227,49 @@ def test_the_model_card_holds_the_metrics_and_names_what_the_model_misses():
     html = model_card.render_html(card)
     assert "0.488" in html and "[0.412, 0.558]" in html and "l &lt;b&gt;" in html
     assert "&gt;= 20 mm" in html and "[-, -]" not in html
+
+
+def test_the_cards_training_data_counts_splits_manufacturers_and_lesion_sizes(tmp_path):
+    from datetime import UTC, datetime
+
+    import pandas as pd
+
+    from flows.model_card import training_data
+    from flows.registry import VersionInfo
+    from pipeline_steps.core.config import Params
+    from pipeline_steps.core.layout import Layout
+
+    layout = Layout(tmp_path)
+    layout.manifest.parent.mkdir(parents=True)
+    layout.metadata.parent.mkdir(parents=True, exist_ok=True)
+    layout.registration.parent.mkdir(parents=True)
+    ids = ["a", "b", "c", "d"]
+    pd.DataFrame(
+        {"image_id": ids, "split": ["train", "train", "train", "test"], "patient_pseudonym": ids}
+    ).to_parquet(layout.manifest)
+    pd.DataFrame(
+        {
+            "image_id": ids,
+            "manufacturer": ["Acme", "Acme", "", "Other"],
+            "spacing_col_mm": [0.5] * 4,
+            "spacing_row_mm": [0.5] * 4,
+        }
+    ).to_parquet(layout.metadata)
+    # 10 px x 0.5 mm = 5 mm, 50 px = 25 mm; the test image's lesion is not training data.
+    pd.DataFrame(
+        {
+            "image_id": ["a", "b", "d"],
+            "x_min": [0.0, 0.0, 0.0],
+            "y_min": [0.0, 0.0, 0.0],
+            "x_max": [10.0, 50.0, 10.0],
+            "y_max": [10.0, 50.0, 10.0],
+        }
+    ).to_parquet(layout.labels)
+    layout.registration.write_text(json.dumps({"model_version": "3"}))
+    info = VersionInfo("3", "run", datetime.now(UTC), {"data_version": "abc.dir"}, ())
+    summary = training_data(layout, Params(), info)
+    assert summary["images_by_split"] == {"test": 1, "train": 3}
+    assert summary["manufacturers_of_training_images"] == {"Acme": 2, "unknown": 1}
+    assert summary["training_lesions_by_diameter"] == {"<8mm": 1, ">=20mm": 1}
+    other = VersionInfo("4", "run", datetime.now(UTC), {}, ())
+    assert "another version's" in training_data(layout, Params(), other)["note"]
