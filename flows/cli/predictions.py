@@ -89,7 +89,7 @@ def _env_number(value: float | None, variable: str, default: float) -> float:
 
 
 def cmd_serve_api(args: argparse.Namespace) -> int:
-    from flows import api, workspace
+    from flows import api, servers, workspace
     from flows.api_auth import resolve_security
 
     # Authentication and limits are settled before the workspace and the model are opened: a server
@@ -109,6 +109,8 @@ def cmd_serve_api(args: argparse.Namespace) -> int:
         **({"workers": args.workers} if args.workers else {}),
     )
     layout, params = workspace.open_workspace(workspace_dir(args))
+    # The model comes from the registry: a server that cannot reach it says so before loading.
+    servers.check_reachable(mlflow=True)
     api.serve(
         layout,
         params,

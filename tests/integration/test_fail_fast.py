@@ -136,6 +136,16 @@ def test_registry_commands_fail_fast_on_a_dead_tracking_server(ws):
     assert radflow(ws, "models", "history", MLFLOW_TRACKING_URI=url).returncode == 0
 
 
+def test_serve_api_fails_fast_on_a_dead_tracking_server(ws):
+    url = dead_url()
+    done = radflow(
+        ws, "serve-api", "--insecure-no-auth", "--port", str(free_port()), MLFLOW_TRACKING_URI=url
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"MLFLOW_TRACKING_URI={url} is not reachable (connection refused)" in done.stderr
+    assert "Nothing was done" in done.stderr and "Traceback" not in done.stderr
+
+
 class _Answer(BaseHTTPRequestHandler):
     status = 200
 
