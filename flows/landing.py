@@ -15,6 +15,7 @@ import csv
 import logging
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -229,15 +230,48 @@ class Ingested:
     accepted: int
     quarantined: dict[str, int]
     labels_imported: int
+    label_issues: dict[str, int] = field(default_factory=dict)  # kind -> label rows not imported
+
+
+def ingest_staged(
+    layout: Layout,
+    params: Params,
+    images_dir: Path,
+    label_files: Sequence[Path],
+    commit_batch: Callable[[], None],
+) -> Ingested:
+    """The path every source of new data shares (the S3 landing here, the PACS in flows/pacs_pull.py):
+    archive the staged DICOMs with each label file through ingestion's own screening (rejected files
+    are kept and counted by reason, as `radflow ingest` does), record the DVC data version, and only
+    then let the source commit its index (`commit_batch`). A failure before the commit leaves the
+    source's index as it was, so the next run takes the batch again (archiving is by content)."""
+    from flows import versioning
+    from pipeline_steps.ingest import IngestSummary, ingest_directory
+
+    summaries: list[IngestSummary] = [
+        ingest_directory(images_dir, labels, layout, params=params.ingest) for labels in label_files
+    ] or [ingest_directory(images_dir, None, layout, params=params.ingest)]
+    version = versioning.record_raw(layout)
+    commit_batch()
+    first = summaries[0]
+    issues: dict[str, int] = {}
+    for summary in summaries:
+        for kind, count in summary.label_issues.items():
+            issues[kind] = issues.get(kind, 0) + count
+    return Ingested(
+        data_version=version,
+        added=sum(s.added for s in summaries),
+        accepted=first.accepted,
+        quarantined=first.quarantined,
+        labels_imported=sum(s.labels_imported for s in summaries),
+        label_issues=issues,
+    )
 
 
 def ingest_batch(layout: Layout, params: Params, batch: Batch) -> Ingested:
     """Archive the batch's new DICOMs with their label files, record the DVC data version, then
     commit the batch. Without new DICOMs nothing is versioned (label files alone cannot be matched
     to their images, so they are quarantined for a manual `radflow ingest`)."""
-    from flows import versioning
-    from pipeline_steps.ingest import IngestSummary, ingest_directory
-
     if not batch.images:
         held = layout.landing_held
         held.mkdir(exist_ok=True)
@@ -249,17 +283,10 @@ def ingest_batch(layout: Layout, params: Params, batch: Batch) -> Ingested:
         batch.labels = []
         commit(layout, batch)
         return Ingested(None, 0, 0, {}, 0)
-    images_dir = layout.landing_images
-    summaries: list[IngestSummary] = [
-        ingest_directory(images_dir, lab.path, layout, params=params.ingest) for lab in batch.labels
-    ] or [ingest_directory(images_dir, None, layout, params=params.ingest)]
-    version = versioning.record_raw(layout)
-    commit(layout, batch)
-    first = summaries[0]
-    return Ingested(
-        data_version=version,
-        added=sum(s.added for s in summaries),
-        accepted=first.accepted,
-        quarantined=first.quarantined,
-        labels_imported=sum(s.labels_imported for s in summaries),
+    return ingest_staged(
+        layout,
+        params,
+        layout.landing_images,
+        [lab.path for lab in batch.labels],
+        lambda: commit(layout, batch),
     )

@@ -1,5 +1,5 @@
-"""The nightly retraining flow: sync the landing location, version and push new studies, decide, retrain
-and gate when something changed, and always leave a run summary.
+"""The nightly retraining flow: sync the landing location and/or pull from the PACS, version and push new
+studies, decide, retrain and gate when something changed, and always leave a run summary.
 
 Two overlapping runs never sync, train or promote at once: a run holds the workspace's run lock (the
 one `radflow run` holds too, flows/retraining.py) and,
@@ -25,7 +25,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows import decision, landing, retraining, versioning, workspace
+from flows import decision, landing, pacs_pull, retraining, versioning, workspace
 from pipeline_steps.core import locks
 from pipeline_steps.core.config import NightlyParams, Params
 from pipeline_steps.core.errors import RadflowError, WorkspaceError
@@ -136,6 +136,7 @@ class RunSummary:
     status: str = "running"  # trained | skipped | failed
     reason: str = ""
     landing: dict[str, Any] = field(default_factory=dict)
+    pacs: dict[str, Any] = field(default_factory=dict)  # counts only (flows/pacs_pull.py)
     data_version: str | None = None
     previous_data_version: str | None = None
     dvc_push: str = ""
@@ -176,6 +177,7 @@ def markdown(summary: RunSummary) -> str:
         ("status", f"**{summary.status}**"),
         ("reason", summary.reason),
         ("landing", landed),
+        ("pacs", ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in summary.pacs.items()) or "-"),
         ("data version", summary.data_version or "-"),
         ("previous data version", summary.previous_data_version or "-"),
         ("DVC push", summary.dvc_push or "-"),
@@ -287,6 +289,9 @@ def _backoff(params: NightlyParams) -> list[float]:
 
 
 sync_task = task(name="sync_landing", cache_policy=NO_CACHE)(landing.sync)
+# The PACS source: the pull is retried as the landing sync is; its ingest cleans up after itself.
+pull_pacs_task = task(name="pull_pacs", cache_policy=NO_CACHE)(pacs_pull.pull_from_env)
+ingest_pacs_task = task(name="ingest_pacs", cache_policy=NO_CACHE)(pacs_pull.ingest)
 ingest_task = task(name="ingest", cache_policy=NO_CACHE)(ingest)
 push_task = task(name="push_data", cache_policy=NO_CACHE)(push_data)
 # Only a registry lookup (a workspace without a last-run record) can fail here, and that may pass.
@@ -358,6 +363,13 @@ def _steps(layout: Layout, params: Params, run: RunSummary) -> None:
         run.landing = batch.counts()
         ingested = ingest_task(layout, params, batch)
         run.landing |= {"archived": ingested.added}
+    if nightly.pacs:
+        pulled = pull_pacs_task.with_options(
+            retries=nightly.retries, retry_delay_seconds=_backoff(nightly)
+        )(layout, params)
+        run.pacs = pulled.counts()
+        from_pacs = ingest_pacs_task(layout, params, pulled)
+        run.pacs |= {"archived": from_pacs.added, "labels_imported": from_pacs.labels_imported}
     run.data_version = versioning.data_version(layout)
     run.dvc_push = push_task.with_options(
         retries=nightly.retries, retry_delay_seconds=_backoff(nightly)

@@ -18,8 +18,11 @@ what still fails becomes `PacsUnavailable`, a refused sign-in `PacsAuthError`.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,6 +37,8 @@ ENV_TOKEN = "RADFLOW_PACS_TOKEN"
 FILE_SUFFIX = "_FILE"  # RADFLOW_PACS_PASSWORD_FILE, RADFLOW_PACS_TOKEN_FILE: the secret in a file
 
 T = TypeVar("T")
+# Loggers that quote request URLs (study, series and instance UIDs) at WARNING and below.
+URL_LOGGERS = ("dicomweb_client", "urllib3")
 
 
 class PacsConfigError(ConfigError):
@@ -229,22 +234,38 @@ class Pacs:
     def search_studies(
         self, filters: Mapping[str, Any] | None = None, fields: Sequence[str] = ()
     ) -> list[dict[str, Any]]:
-        return self.call(
+        return self._all_pages(
             "a study search",
             self.client.search_for_studies,
             search_filters=dict(filters or {}),
             fields=list(fields) or None,
-            get_remaining=True,
         )
 
     def search_instances(self, study_uid: str, fields: Sequence[str] = ()) -> list[dict[str, Any]]:
-        return self.call(
+        return self._all_pages(
             "an instance search",
             self.client.search_for_instances,
             study_instance_uid=study_uid,
             fields=list(fields) or None,
-            get_remaining=True,
         )
+
+    def _all_pages(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> list[dict[str, Any]]:
+        """Every result of a QIDO-RS search, page by page (offset), until a page is empty or brings
+        nothing new. dicomweb-client's own `get_remaining` stops only at an empty page, and Orthanc
+        ignores the offset of a search it filters itself (ModalitiesInStudy): that loops forever."""
+        results: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        while True:
+            page = self.call(what, fn, offset=len(results), **kwargs)
+            fresh = []
+            for item in page:
+                identity = json.dumps(item, sort_keys=True)
+                if identity not in seen:
+                    seen.add(identity)
+                    fresh.append(item)
+            if not fresh:
+                return results
+            results.extend(fresh)
 
     def retrieve(self, study_uid: str, series_uid: str, sop_uid: str) -> Any:
         """One instance, as a pydicom Dataset (WADO-RS, application/dicom)."""
@@ -257,6 +278,21 @@ class Pacs:
         return self.call(
             "a store", self.client.store_instances, list(datasets), study_instance_uid=study_uid
         )
+
+
+@contextmanager
+def urls_unlogged() -> Iterator[None]:
+    """Silence the HTTP libraries' own loggers while DICOMweb requests run: their lines quote
+    request URLs, which name studies, series and instances."""
+    loggers = [logging.getLogger(name) for name in URL_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def json_value(item: Mapping[str, Any], tag: str, default: str = "") -> str:

@@ -1,8 +1,9 @@
 """The `radflow` command line: the parser, start-up (environment, logging) and error reporting.
 
 Each command group lives in a module of its own: `data` (init, synth, ingest, run, step), `registry`
-(models, promote, rollback), `changes` (change-control records), `nightly` (nightly, schedule, server) and `predictions` (predict,
-serve-api, audit, trace). Commands import what they need when they run, so `--help` stays fast.
+(models, promote, rollback), `changes` (change-control records), `nightly` (nightly, schedule, server), `predictions` (predict,
+serve-api, audit, trace) and `pacs` (the PACS over DICOMweb). Commands import what they need
+when they run, so `--help` stays fast.
 
 Exit codes follow MLflow, DVC and Prefect: 0 success, 1 a failure (a RadflowError, a failed batch,
 a broken ledger), 2 a usage error (argparse's own).
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
-from flows.cli import changes, data, nightly, predictions, registry
+from flows.cli import changes, data, nightly, pacs, predictions, registry
 from flows.cli.common import (
     PHI_UMASK,
     CommandParser,
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     changes.add_commands(sub)
     nightly.add_commands(sub)
     predictions.add_commands(sub)
+    pacs.add_commands(sub)
     return parser
 
 

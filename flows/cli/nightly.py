@@ -13,8 +13,8 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     from flows import servers, workspace
 
     # A bad params.yaml, or a service that does not answer, fails here, before Prefect starts.
-    layout, _ = workspace.open_workspace(workspace_dir(args))
-    servers.check_reachable(mlflow=True, prefect=True, s3=True)
+    layout, params = workspace.open_workspace(workspace_dir(args))
+    servers.check_reachable(mlflow=True, prefect=True, s3=True, pacs=params.nightly.pacs)
     from flows.nightly import nightly_retraining
 
     state = nightly_retraining(str(layout.root), force=args.force, return_state=True)

@@ -316,6 +316,8 @@ class NightlyParams(_Section):
 
     # s3://bucket/prefix new DICOMs (and label CSVs) are dropped into. Empty: no landing sync.
     landing: str = ""
+    # Also pull new studies from the PACS (flows/pacs_pull.py: RADFLOW_PACS_*, params.pacs.pull).
+    pacs: bool = False
     cron: str = "0 2 * * *"
     timezone: str = "UTC"
     # POSTed a JSON summary when a run fails (RADFLOW_WEBHOOK_URL overrides). Empty: a log line only.

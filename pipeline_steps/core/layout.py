@@ -339,6 +339,28 @@ class Layout:
         """One poll at a time per workspace (the service and the deployment may both run)."""
         return self.pacs_watch_state / "poll.lock"
 
+    # the PACS source's local side (flows/pacs_pull.py): the index of pulled instances (keyed by a
+    # hash of the SOP Instance UID) and the staging folder of a pull
+    @property
+    def pacs_state(self) -> Path:
+        return self.state / "pacs"
+
+    @property
+    def pacs_pulled(self) -> Path:
+        return self.pacs_state / "pulled.json"
+
+    @property
+    def pacs_incoming(self) -> Path:
+        return self.pacs_state / "incoming"
+
+    @property
+    def pacs_images(self) -> Path:
+        return self.pacs_incoming / "images"
+
+    @property
+    def pacs_labels(self) -> Path:
+        return self.pacs_incoming / "labels"
+
     # stage outputs that flows/ reads (the run decision, MLflow logging, audit traces)
     @property
     def gx_dir(self) -> Path:
