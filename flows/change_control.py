@@ -248,7 +248,7 @@ def _log_on_run(layout: Layout, run_id: str, entry: Entry) -> None:
 
 def record_night(layout: Layout, params: Params, summary: dict[str, Any]) -> Entry:
     """The change record of a skipped or failed night: nothing was changed, and why."""
-    from pipeline_steps.governance.ledger import open_ledger
+    from flows.anchoring import open_ledger
 
     kind = "failed" if summary.get("status") == "failed" else "skipped"
     data_version = summary.get("data_version") or summary.get("previous_data_version")
@@ -346,7 +346,7 @@ def verified(layout: Layout, entry: Entry) -> tuple[dict[str, Any] | None, str]:
 
 def list_records(layout: Layout, version: str | None = None) -> list[dict[str, Any]]:
     """Every change record (of one version), oldest first, each with its signature checked."""
-    from pipeline_steps.governance.ledger import open_ledger
+    from flows.anchoring import open_ledger
 
     rows = []
     with open_ledger(layout.root) as ledger:
