@@ -42,6 +42,7 @@ from pipeline_steps.governance.lifecycle import (
     lifecycle_of,
     parse_lifecycle,
 )
+from pipeline_steps.governance.signing import SignatureError
 from pipeline_steps.serving.prediction import (
     PREDICTION,
     ModelRef,
@@ -216,9 +217,19 @@ def _progress_logger(total: int) -> Callable[[int], None]:
     return report
 
 
-load_model_task = task(name="load_model", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)(
-    load_model
-)
+def _retry_unless_refused(_task: Any, _run: Any, state: Any) -> bool:
+    """Retry a load that MLflow or the network failed, not one refused for its signature: the same
+    files fail the same way, and each try would download them again."""
+    return not isinstance(getattr(state, "data", None), SignatureError)
+
+
+load_model_task = task(
+    name="load_model",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=_retry_unless_refused,
+)(load_model)
 # No retries below: a chunk's ledger rows commit before its lines are written, and a retry would
 # record the same images again under new ids.
 predict_task = task(name="predict", cache_policy=NO_CACHE)(predict_batch)

@@ -11,7 +11,7 @@ from flows.anchoring import open_ledger
 from pipeline_steps.core.config import Params
 from pipeline_steps.core.layout import Layout
 from pipeline_steps.governance.ledger import Entry
-from pipeline_steps.governance.signing import SignatureError
+from pipeline_steps.governance.signing import NOT_SIGNED, SignatureCheck, SignatureError
 
 SIGNED = "signature"  # the ledger kind of a deliberate signing
 
@@ -20,7 +20,7 @@ SIGNED = "signature"  # the ledger kind of a deliberate signing
 class Verification:
     model_name: str
     version: str
-    checks: tuple[tracking.SignatureCheck, ...]
+    checks: tuple[SignatureCheck, ...]
 
     @property
     def ok(self) -> bool:
@@ -69,8 +69,8 @@ def sign_deliberately(
             "A deliberate signing needs a reason (--reason): it goes to the ledger."
         )
     before = verify_version(layout, params, version)
-    problems = [c for c in before.checks if c.problem and c.problem != tracking.NOT_SIGNED]
-    unsigned = all(c.problem == tracking.NOT_SIGNED for c in before.checks)
+    problems = [c for c in before.checks if c.problem and c.problem != NOT_SIGNED]
+    unsigned = all(c.problem == NOT_SIGNED for c in before.checks)
     if problems and not force:
         detail = "; ".join(f"{c.model}: {c.problem}" for c in problems)
         raise SignatureError(

@@ -47,7 +47,6 @@ SIGNED_MODELS = (PYFUNC_NAME, KERAS_NAME)
 SIGNATURE_FOLDER = "signing"
 SBOM_ARTIFACT = "sbom/cyclonedx.json"  # the installed environment, as registered (CycloneDX JSON)
 SIGNATURE_KEY_TAG, SIGNATURE_TAG = "signature_key_id", "signature"
-NOT_SIGNED = "it is not signed"
 
 
 @dataclass(frozen=True)
@@ -453,19 +452,9 @@ def _download_model(uri: str, model_uri: str, dst: Path) -> Path:
     return Path(found)
 
 
-@dataclass(frozen=True)
-class SignatureCheck:
-    """One logged model of a version against its signature: the key that signed it, or the problem."""
-
-    model: str  # PYFUNC_NAME | KERAS_NAME
-    key_id: str
-    development: bool
-    problem: str = ""  # empty: verified
-
-
 def _check(
     client: MlflowClient, uri: str, keys: signing.SigningKeys, mv: Any, which: str, scratch: Path
-) -> tuple[Path, SignatureCheck] | None:
+) -> tuple[Path, signing.SignatureCheck] | None:
     """Download one logged model of `mv` and its signature under `scratch` and verify them; None
     for a Keras copy that neither exists nor was signed (versions from before it existed)."""
     run_id = str(mv.run_id or "")
@@ -488,14 +477,14 @@ def _check(
             f"its signature {SIGNATURE_FOLDER}/{which}.sig is missing from run {run_id} (removed "
             "after signing?)"
             if SIGNATURE_KEY_TAG in dict(mv.tags or {})
-            else NOT_SIGNED
+            else signing.NOT_SIGNED
         )
-        return folder, SignatureCheck(which, "", False, why)
+        return folder, signing.SignatureCheck(which, "", False, why)
     try:
         key_id = signing.verify_model(keys, folder, found)
     except signing.SignatureError as exc:
-        return folder, SignatureCheck(which, "", False, str(exc))
-    return folder, SignatureCheck(which, key_id, keys.development)
+        return folder, signing.SignatureCheck(which, "", False, str(exc))
+    return folder, signing.SignatureCheck(which, key_id, keys.development)
 
 
 def _open_version(layout: Layout, model_name: str, version: str) -> tuple[MlflowClient, str, Any]:
@@ -511,7 +500,7 @@ def _open_version(layout: Layout, model_name: str, version: str) -> tuple[Mlflow
         ) from None
 
 
-def check_signatures(layout: Layout, model_name: str, version: str) -> list[SignatureCheck]:
+def check_signatures(layout: Layout, model_name: str, version: str) -> list[signing.SignatureCheck]:
     """Each logged model of `version` verified against its signature (nothing raised for a failed
     check: `radflow models verify` reports them)."""
     keys = signing.load_keys(layout.state)
@@ -523,20 +512,12 @@ def check_signatures(layout: Layout, model_name: str, version: str) -> list[Sign
                 checked = _check(client, uri, keys, mv, which, Path(tmp) / which)
             except Exception as exc:
                 checks.append(
-                    SignatureCheck(which, "", False, f"cannot download it: {_first(exc)}")
+                    signing.SignatureCheck(which, "", False, f"cannot download it: {_first(exc)}")
                 )
                 continue
             if checked is not None:
                 checks.append(checked[1])
     return checks
-
-
-def unsigned_advice(model_name: str, version: str) -> str:
-    return (
-        f"{model_name} version {version} is not signed (registered before radflow signed its "
-        "models?), so it is not loaded. If you trust its files, sign them deliberately: "
-        f"`radflow models sign {version} --reason '...'` (who signed and why go to the audit ledger)."
-    )
 
 
 @contextmanager
@@ -558,8 +539,8 @@ def verified_model(layout: Layout, model_name: str, version: str, which: str) ->
                 f"cannot load {model_name} version {version} from {public_uri(uri)}: {why}"
             )
         folder, check = checked
-        if check.problem == NOT_SIGNED:
-            raise signing.SignatureError(unsigned_advice(model_name, version))
+        if check.problem == signing.NOT_SIGNED:
+            raise signing.SignatureError(signing.unsigned_advice(model_name, version))
         if check.problem:
             raise signing.SignatureError(
                 f"refusing to load {model_name} version {version}: {which}: {check.problem}"

@@ -42,6 +42,28 @@ class SignatureError(RadflowError):
     """A signature is missing, malformed, made with an untrusted key, or does not match."""
 
 
+NOT_SIGNED = "it is not signed"
+
+
+@dataclass(frozen=True)
+class SignatureCheck:
+    """One logged model of a version against its signature: the key that signed it, or the problem."""
+
+    model: str  # which logged model (the pyfunc `model`, the Keras copy `keras_model`)
+    key_id: str
+    development: bool
+    problem: str = ""  # empty: verified; NOT_SIGNED: no signature and none expected
+
+
+def unsigned_advice(model_name: str, version: str) -> str:
+    """Why an unsigned version is not loaded, and how to sign it deliberately."""
+    return (
+        f"{model_name} version {version} is not signed (registered before radflow signed its "
+        "models?), so it is not loaded. If you trust its files, sign them deliberately: "
+        f"`radflow models sign {version} --reason '...'` (who signed and why go to the audit ledger)."
+    )
+
+
 @dataclass(frozen=True)
 class SigningKeys:
     """The key that signs (if any) and the public keys trusted to verify; never the private key

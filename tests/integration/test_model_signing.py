@@ -150,6 +150,7 @@ def test_a_changed_byte_is_refused_by_verify_predict_serve_api_gate_and_champion
         assert done.returncode == 1
         assert "refusing to load radflow-detector version 1" in done.stderr
         assert changed.name in done.stderr
+        assert "Retry 1/2" not in done.stdout + done.stderr  # refused once, not retried
         assert not out.exists()
 
         client.set_registered_model_alias(MODEL, "production", "1")
