@@ -12,6 +12,7 @@ import binascii
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -371,11 +372,26 @@ def verify_model(keys: SigningKeys, model_dir: Path, signature_path: Path) -> st
     raise SignatureError(f"{failure}.")
 
 
+def _names(match: re.Match[str] | None) -> list[str]:
+    return [n.strip() for n in match.group(1).split(",") if n.strip()] if match else []
+
+
 def _describe(message: str) -> str:
     """model-signing's verification error, in radflow's words where it is a known one."""
     if message.startswith("Signature mismatch:"):
-        detail = message.removeprefix("Signature mismatch:").strip()
-        return f"the files differ from those signed ({detail})"
+        # model-signing's detail is a list's repr with each digest's bytes: keep the file names.
+        q = r"\\?'"
+        found = {
+            "changed": re.findall(rf"Hash mismatch for {q}(.+?){q}:", message),
+            "added": _names(
+                re.search(rf"Extra files found in model {q}.*?{q}: ([^\"'\]]+)", message)
+            ),
+            "missing": _names(
+                re.search(rf"Missing files in model {q}.*?{q}: ([^\"'\]]+)", message)
+            ),
+        }
+        said = "; ".join(f"{kind} {', '.join(names)}" for kind, names in found.items() if names)
+        return f"the files differ from those signed ({said or message})"
     if message.startswith("Key mismatch"):
         return "signed by another key than the trusted one"
     return f"the signature does not verify ({message})"
