@@ -21,8 +21,8 @@ def cmd_pacs_pull(args: argparse.Namespace) -> int:
         from pipeline_steps.core.errors import DataError
 
         raise DataError(f"{labels}: labels file not found")
+    pacs = pacs_pull.connect(params)  # the settings (fail closed) before the probe's request
     servers.check_reachable(pacs=True)
-    pacs = pacs_pull.connect(params)
     # A run reads data/raw while it trains: a pull waits for it (and vice versa), as an ingest does.
     with retraining.exclusive_run(layout, "radflow pacs pull"):
         result = pacs_pull.pull_and_ingest(
