@@ -1,7 +1,8 @@
 """Signed models in a real workspace (embedded MLflow store): a registered version is signed and
 carries its SBOM; `radflow models verify` passes on it; a byte changed in the stored artifact is
-refused by `radflow predict`, `radflow serve-api`, the gate and the champion loader; a version
-without a signature (as registered before signing) is refused until `radflow models sign`."""
+refused by `radflow predict`, `radflow serve-api` (at start-up, and on an alias move to it), the
+gate and the champion loader; a version without a signature (as registered before signing) is
+refused until `radflow models sign`."""
 
 from __future__ import annotations
 
@@ -9,15 +10,24 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import httpx
 import pytest
 import yaml
 
 from tests.e2e.test_smoke import _embedded_env
-from tests.integration.test_registry import MODEL, build_workspace, free_port, with_seed
+from tests.integration.test_registry import (
+    MODEL,
+    build_workspace,
+    free_port,
+    stop,
+    wait_http,
+    with_seed,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -159,6 +169,31 @@ def test_a_changed_byte_is_refused_by_verify_predict_serve_api_gate_and_champion
         )
         assert api.returncode == 1
         assert "refusing to load radflow-detector version 1" in api.stderr
+
+        # Serving version 2, the alias moves to the tampered version 1: it is not swapped in.
+        client.set_registered_model_alias(MODEL, "production", "2")
+        port = free_port()
+        server = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "--workspace", str(layout.root), "serve-api"]
+            + ["--port", str(port), "--insecure-no-auth", "--poll-seconds", "1"],
+            env=_embedded_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            url = f"http://127.0.0.1:{port}/healthz"
+            wait_http(url, server, 300, "radflow serve-api")
+            client.set_registered_model_alias(MODEL, "production", "1")
+            deadline = time.monotonic() + 120
+            health = httpx.get(url, timeout=10).json()
+            while not health["last_error"] and time.monotonic() < deadline:
+                time.sleep(1)
+                health = httpx.get(url, timeout=10).json()
+            assert "refusing to load radflow-detector version 1" in health["last_error"]
+            assert health["model"]["version"] == "2"  # still serving the version it had
+        finally:
+            stop(server)
 
         champion, why = tracking.load_champion(layout, MODEL)
         assert champion is None and "version 1" in why and "files differ" in why
