@@ -32,12 +32,14 @@ from tests.integration.test_registry import (
 pytestmark = pytest.mark.integration
 
 
-def radflow(ws: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def radflow(
+    ws: Path, *args: str, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", "--workspace", str(ws), *args],
         capture_output=True,
         text=True,
-        env=_embedded_env(),
+        env={**_embedded_env(), **(env or {})},
         timeout=timeout,
     )
 
@@ -117,6 +119,23 @@ def test_a_registered_version_is_signed_tagged_and_carries_its_sbom(ws, tmp_path
     done = radflow(layout.root, "models", "verify", "1")
     assert done.returncode == 0, done.stderr
     assert "version 1: OK" in done.stdout and "workspace-development" in done.stdout
+
+    # A deployment that trusts only its own key does not trust the workspace's development key.
+    from tests.unit.test_signing import make_pair
+
+    private, public = make_pair(tmp_path / "keys", "deployment")
+    done = radflow(
+        layout.root, "models", "verify", "1", env={"RADFLOW_SIGNING_PUBLIC_KEYS": str(public)}
+    )
+    assert done.returncode == 1 and "Unknown key" in done.stdout
+    done = radflow(
+        layout.root,
+        "models",
+        "verify",
+        "1",
+        env={"RADFLOW_SIGNING_KEY": str(tmp_path / "gone.pem")},
+    )
+    assert done.returncode == 1 and "RADFLOW_SIGNING_KEY" in done.stderr
 
     sbom = Path(client.download_artifacts(mv.run_id, tracking.SBOM_ARTIFACT, str(tmp_path)))
     document = json.loads(sbom.read_text())
