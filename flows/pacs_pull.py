@@ -80,6 +80,7 @@ class PullBatch:
     sr_labels: int = 0  # label rows taken from SRs
     sr_boxes_without_label: int = 0
     unchanged: int = 0  # in the index already: not asked for again
+    relabelled: list[str] = field(default_factory=list)  # earlier images an SR here annotates
 
     def counts(self) -> dict[str, int]:
         return {
@@ -88,6 +89,7 @@ class PullBatch:
             "duplicates": len(self.duplicates),
             "sr_label_sources": len(self.label_sources),
             "sr_labels": self.sr_labels,
+            "relabelled_images": len(self.relabelled),
             "unchanged": self.unchanged,
             **{f"skipped_{reason}": len(items) for reason, items in sorted(self.skipped.items())},
         }
@@ -251,10 +253,31 @@ def _retrieve(
 
         rows = pd.concat(sr_rows, ignore_index=True)
         batch.sr_labels = len(rows)
+        _stage_earlier_images(layout, index, batch, set(rows["image_id"]))
         path = layout.pacs_labels / "sr_labels.csv"
         with atomic_path(path) as tmp:
             rows.to_csv(tmp, index=False)
         batch.label_files.append(path)
+
+
+def _stage_earlier_images(
+    layout: Layout, index: PacsIndex, batch: PullBatch, keys: set[str]
+) -> None:
+    """Images an SR of this batch annotates that an earlier pull archived (annotated after it was
+    pulled): a copy of the archived file is staged under its key, so ingestion matches the rows to
+    it (it is archived already, so nothing is added but the labels)."""
+    from pipeline_steps.core.deid import image_id_for
+
+    staged = {s.key for s in batch.images}
+    for key in sorted(keys - staged):
+        earlier = index.instances.get(key)
+        if earlier is None or earlier.status != INGESTED or not earlier.sha256:
+            continue
+        archived = layout.raw_image(image_id_for(earlier.sha256))
+        if archived.exists():
+            with atomic_path(layout.pacs_images / f"{key}.dcm") as tmp:
+                shutil.copyfile(archived, tmp)
+            batch.relabelled.append(key)
 
 
 def pull(
@@ -327,9 +350,10 @@ def commit(layout: Layout, batch: PullBatch) -> None:
 
 def ingest(layout: Layout, params: Params, batch: PullBatch) -> landing.Ingested:
     """The batch through ingestion and a DVC data version, then the index; all or nothing. Without
-    new images nothing is versioned (SR or CSV labels alone name no image of this batch)."""
+    new images (or earlier images an SR of this batch annotates) nothing is versioned: CSV labels
+    alone name no image of this batch."""
     try:
-        if not batch.images:
+        if not batch.images and not batch.relabelled:
             commit(layout, batch)
             return landing.Ingested(None, 0, 0, {}, 0)
         return landing.ingest_staged(

@@ -235,6 +235,41 @@ def test_labels_from_sr_annotations_skipping_radflow_output_and_screening_like_i
     ]
 
 
+def test_an_annotation_stored_after_its_image_was_pulled_labels_the_archived_image(
+    ws, orthanc, tmp_path, retrieved
+):
+    paths = synthetic_studies(tmp_path / "synth", 2, seed=9)
+    orthanc.upload(paths)
+    layout, params = workspace.open_workspace(ws.root)
+    first = pacs_pull.pull_and_ingest(layout, params)
+    assert first["archived"] == 2 and first["labels_imported"] == 0
+    source = pydicom.dcmread(paths[1])
+    box = {"x_min": 50, "y_min": 70, "x_max": 150, "y_max": 160, "score": 1, "label": "opacity"}
+    annotation = build_sr(
+        source,
+        [box],
+        prediction_id="annotation-late",
+        model_name="Annotate",
+        model_version="2.1",
+        manufacturer="Acme Imaging",
+    )
+    annotation.SeriesDescription = "Reference annotations"
+    orthanc.upload([dicom_bytes(annotation)])
+    retrieved.clear()
+
+    second = pacs_pull.pull_and_ingest(layout, params)
+    assert retrieved == [str(annotation.SOPInstanceUID)]  # the image is not asked for again
+    assert second["new_images"] == 0 and second["relabelled_images"] == 1
+    assert second["archived"] == 0 and second["labels_imported"] == 1
+    assert not second["label_issues"]
+    assert second["data_version"] not in (None, first["data_version"])  # the labels changed
+    (row,) = pd.read_csv(layout.raw_labels).itertuples()
+    archived = pydicom.dcmread(layout.raw_image(row.image_id), stop_before_pixels=True)
+    assert archived.SOPInstanceUID == source.SOPInstanceUID
+    assert (row.label, row.x_min, row.y_min, row.x_max, row.y_max) == ("opacity", 50, 70, 150, 160)
+    assert len(list(layout.raw_images.glob("*.dcm"))) == 2
+
+
 def test_an_outage_mid_pull_keeps_nothing_and_the_next_pull_takes_each_instance_once(
     ws, orthanc, tmp_path, monkeypatch
 ):
