@@ -16,10 +16,17 @@ def test_repository_params_load_into_typed_sections():
     assert params.register_.model_name == "radflow-detector"
     assert params.validate_.min_images >= 1
     # the file mirrors the typed defaults, so nothing in it is silently ignored; the default data's
-    # training choices (streaming, hard negatives, stride 2, the 0.4 test split) differ on purpose:
-    # the typed defaults stay those of ingested data alone
+    # training choices (streaming, hard negatives, stride 2, the 0.4 test split, 22 epochs with
+    # mining every 4) differ on purpose: the typed defaults stay those of ingested data alone
     chosen = {
-        "train": {"crops_per_image", "hard_negative_fraction", "output_stride", "synthetic"},
+        "train": {
+            "crops_per_image",
+            "epochs",
+            "hard_negative_every",
+            "hard_negative_fraction",
+            "output_stride",
+            "synthetic",
+        },
         "preprocess": {"split"},
     }
     file, typed = params.model_dump(), Params().model_dump()
