@@ -307,6 +307,31 @@ def test_an_outage_mid_pull_keeps_nothing_and_the_next_pull_takes_each_instance_
     assert len(json.loads(layout.pacs_pulled.read_text())["instances"]) == 4
 
 
+def test_studies_are_found_by_study_date_range_and_modality(ws, orthanc, tmp_path):
+    paths = synthetic_studies(tmp_path / "synth", 4, seed=21)
+    orthanc.upload(paths)
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    by_date = sorted((str(h.StudyDate), str(h.StudyInstanceUID)) for h in headers)
+    _, params = workspace.open_workspace(ws.root)
+    pacs = pacs_pull.connect(params)
+
+    def found(**filters) -> set[str]:
+        wanted = pacs_pull.pull_filters(params.pacs.pull, **filters)
+        return set(pacs_pull.find_studies(pacs, wanted))
+
+    everything = {uid for _, uid in by_date}
+    assert found() == everything
+    first_day, last_day = by_date[0][0], by_date[-1][0]
+    assert found(date_from=last_day) == {u for d, u in by_date if d >= last_day}
+    assert found(date_to=first_day) == {u for d, u in by_date if d <= first_day}
+    assert found(date_from="20990101") == set()
+    for modality in {str(h.Modality) for h in headers}:
+        assert found(modalities=[modality]) == {
+            str(h.StudyInstanceUID) for h in headers if h.Modality == modality
+        }
+    assert found(modalities=["CT"]) == set()
+
+
 def test_a_refused_sign_in_names_the_settings_not_the_secret(ws, orthanc, monkeypatch, capfd):
     monkeypatch.setenv("RADFLOW_PACS_PASSWORD", "not-the-password-4711")
     assert main(["pacs", "pull", "--workspace", str(ws.root)]) == 1
