@@ -1,5 +1,6 @@
 """`radflow pacs ...`: the PACS loop over DICOMweb. `pull` brings new studies (and their annotation SRs)
-in through ingestion; each action adds its own parser below."""
+in through ingestion; `watch` predicts new studies and stores a DICOM SR into each study
+(flows/pacs_watch.py). Each action adds its own parser below."""
 
 from __future__ import annotations
 
@@ -96,9 +97,55 @@ def add_pull(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(func=cmd_pacs_pull)
 
 
+def cmd_pacs_watch(args: argparse.Namespace) -> int:
+    from flows import pacs_watch, servers, workspace
+
+    layout, params = workspace.open_workspace(workspace_dir(args))
+    servers.check_reachable(mlflow=True, pacs=True, prefect=args.serve)
+    if args.serve:
+        pacs_watch.serve_deployment(layout, params, args.stage)
+        return 0
+    watcher = pacs_watch.open_watcher(layout.root, args.stage)
+    watcher.pacs.check()  # refused credentials: an error naming the settings, before the model loads
+    stop = pacs_watch.StopRequest()
+    interval = args.interval if args.interval is not None else params.pacs.watch.interval_s
+    report = (lambda summary: print(json.dumps(summary), flush=True)) if args.json else None
+    with stop.installed():
+        return pacs_watch.serve_polls(
+            watcher,
+            interval_s=interval,
+            once=args.once,
+            stop=stop,
+            **({"report": report} if report else {}),
+        )
+
+
+def add_watch(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = actions.add_parser(
+        "watch",
+        help="poll the PACS for new studies, predict them and store a DICOM SR into each study",
+    )
+    p.add_argument("--stage", default="production", help="registry stage of the model to use")
+    p.add_argument(
+        "--interval",
+        type=float,
+        metavar="S",
+        help="seconds between polls (default: params.yaml pacs.watch.interval_s)",
+    )
+    p.add_argument("--once", action="store_true", help="one poll, then exit (1 if it failed)")
+    p.add_argument("--json", action="store_true", help="print each poll's summary as JSON")
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="serve the radflow-pacs-watch Prefect deployment (needs PREFECT_API_URL)",
+    )
+    p.set_defaults(func=cmd_pacs_watch)
+
+
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("pacs", help="the PACS loop over DICOMweb (RADFLOW_PACS_URL and sign-in)")
     actions = p.add_subparsers(
         dest="pacs_command", required=True, metavar="ACTION", help="what to do with the PACS"
     )
     add_pull(actions)
+    add_watch(actions)

@@ -17,7 +17,7 @@ def test_prefect_yaml_schedules_the_flow_params_yaml_configures():
     from prefect.flows import load_flow_from_entrypoint
 
     nightly = load_params(REPO / "params.yaml").nightly
-    (deployment,) = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    deployment = _deployments()["radflow-nightly"]
     assert [(s["cron"], s["timezone"]) for s in deployment["schedules"]] == [
         (nightly.cron, nightly.timezone)
     ]
@@ -25,6 +25,28 @@ def test_prefect_yaml_schedules_the_flow_params_yaml_configures():
     flow = load_flow_from_entrypoint(deployment["entrypoint"])
     assert flow.name == "nightly_retraining"
     assert set(deployment["parameters"]) <= set(flow.parameters.properties)
+
+
+def _deployments() -> dict[str, dict]:
+    listed = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    return {d["name"]: d for d in listed}
+
+
+def test_prefect_yaml_polls_the_pacs_at_the_interval_params_yaml_configures():
+    from prefect.flows import load_flow_from_entrypoint
+
+    watch = load_params(REPO / "params.yaml").pacs.watch
+    deployments = _deployments()
+    assert set(deployments) == {"radflow-nightly", "radflow-pacs-watch"}
+    deployment = deployments["radflow-pacs-watch"]
+    assert [s["interval"] for s in deployment["schedules"]] == [watch.interval_s]
+    # Off until the pool's workers are given a PACS: a watcher without one fails every poll.
+    assert [s["active"] for s in deployment["schedules"]] == [False]
+    assert deployment["concurrency_limit"] == 1
+    flow = load_flow_from_entrypoint(deployment["entrypoint"])
+    assert flow.name == "pacs_watch"
+    assert set(deployment["parameters"]) <= set(flow.parameters.properties)
+    assert deployment["work_pool"] == deployments["radflow-nightly"]["work_pool"]
 
 
 def test_nightly_params_are_checked_by_their_dotted_key():
@@ -57,7 +79,7 @@ def test_the_compose_file_wires_what_the_integration_tests_prove():
     db = services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert db.startswith("postgresql+asyncpg://")
     worker = services["prefect-worker"]
-    (deployment,) = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    deployment = _deployments()["radflow-nightly"]
     assert f"--pool {deployment['work_pool']['name']}" in worker["command"]
     env = worker["environment"]
     assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
