@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -84,12 +85,14 @@ def measure_latency(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         while not polls:  # the model is loaded and an empty poll done: not part of a latency
             time.sleep(0.05)
         rows = []
+        rng = random.Random(args.seed)
         try:
             for path in paths:
                 import pydicom
 
                 study = pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID
-                time.sleep(args.interval * 0.37)  # arrive at varying points of the poll cycle
+                time.sleep(rng.uniform(0, args.interval))  # arrive anywhere in the poll cycle
+                storing_before = sum(1 for _, s in polls if s.get("reports_stored"))
                 arrived = time.monotonic()
                 orthanc.upload([path])
                 while not probe.client.search_for_instances(
@@ -99,8 +102,10 @@ def measure_latency(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                     if time.monotonic() - arrived > 600:
                         raise RuntimeError("no SR after 600 s")
                 seen = time.monotonic()
-                done = [s for t, s in polls if s.get("reports_stored")]
-                parts = done[-1]["seconds"] if done else {}
+                # The poll that stored it reports just after its STOW: wait for its summary.
+                while sum(1 for _, s in polls if s.get("reports_stored")) <= storing_before:
+                    time.sleep(0.01)
+                parts = [s for _, s in polls if s.get("reports_stored")][-1]["seconds"]
                 rows.append(
                     {
                         "total_s": round(seen - arrived, 3),
@@ -195,6 +200,7 @@ def main() -> int:
     parser.add_argument(
         "--pull-studies", type=int, default=50, help="pull: synthetic studies in the PACS"
     )
+    parser.add_argument("--seed", type=int, default=5, help="latency: arrival times in the cycle")
     parser.add_argument("--root", type=Path, help="scratch folder (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
