@@ -343,3 +343,17 @@ def test_the_service_polls_until_sigterm_and_stops_cleanly(watched, orthanc, pac
     assert "stopped by SIGTERM" in err
     for value in _phi(source):
         assert value not in err, value
+
+
+def test_the_prefect_flow_is_one_poll_with_no_study_in_its_parameters(
+    watched, orthanc, pacs_env, tmp_path
+):
+    from flows.pacs_watch import pacs_watch
+
+    layout, _ = watched
+    path, source = _study(tmp_path, seed=35)
+    orthanc.upload([path])
+    assert set(pacs_watch.parameters.properties) == {"workspace", "stage"}
+    summary = pacs_watch.fn(str(layout.root))  # the flow's body, as a deployment run calls it
+    assert summary["reports_stored"] == 1 and summary["model"]["version"] == "1"
+    assert len(_srs(Pacs.from_env(), source.StudyInstanceUID)) == 1
