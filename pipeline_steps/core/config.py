@@ -362,7 +362,11 @@ class PacsPullParams(_Section):
             value = getattr(self, name)
             if value and not (len(value) == 8 and value.isdigit()):
                 raise ValueError(f"{name} must be YYYYMMDD or empty")
-        if self.study_date_from and self.study_date_to and self.study_date_from > self.study_date_to:
+        if (
+            self.study_date_from
+            and self.study_date_to
+            and self.study_date_from > self.study_date_to
+        ):
             raise ValueError("study_date_from is after study_date_to")
         return self
 
