@@ -86,6 +86,13 @@ def test_the_compose_file_wires_what_the_integration_tests_prove():
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert env["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
     assert worker["volumes"] == ["workspace:${RADFLOW_WORKSPACE:-/workspace}"]
+    # The PACS: Orthanc with DICOMweb and authentication, and the worker signed in to it.
+    orthanc = services["orthanc"]["environment"]
+    assert orthanc["DICOM_WEB_PLUGIN_ENABLED"] == "true"
+    assert orthanc["ORTHANC__AUTHENTICATION_ENABLED"] == "true"
+    assert env["RADFLOW_PACS_URL"] == "${RADFLOW_PACS_URL:-http://orthanc:8042/dicom-web}"
+    assert env["RADFLOW_PACS_USER"] == "${PACS_USER}"
+    assert env["RADFLOW_PACS_PASSWORD"] == "${PACS_PASSWORD}"
     # Every variable the compose file needs without a default is in .env.example.
     text = (REPO / "infra" / "docker-compose.yml").read_text()
     needed = set(re.findall(r"\$\{(\w+)\}", text))
