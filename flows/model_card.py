@@ -90,7 +90,7 @@ def training_data(layout: Layout, params: Params, info: VersionInfo) -> dict[str
                 sx, sy = (float(v) for v in spacing.loc[image])
                 diameter = ((row.x_max - row.x_min) * sx + (row.y_max - row.y_min) * sy) / 2
                 bands[size_band(diameter)] += 1
-            summary["training_lesions_by_diameter"] = dict(sorted(bands.items()))
+            summary["training_lesions_by_diameter"] = model_card.by_size(bands)
     return summary
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pipeline_steps.core.subgroups import SIZE_BAND_LARGEST, SIZE_BANDS_MM, metric_key_part
 from pipeline_steps.governance.ledger import jsonable
 
 HEADLINE = (
@@ -40,13 +41,33 @@ def subgroup_table(metrics: Mapping[str, Any]) -> dict[str, dict[str, dict[str, 
     return {a: dict(sorted(v.items())) for a, v in sorted(out.items())}
 
 
+# The lesion-size bands from the smallest up, by display name and by metric-key slug.
+SIZE_ORDER = (*(name for name, _ in SIZE_BANDS_MM), SIZE_BAND_LARGEST)
+
+
+def size_rank(band: str) -> int:
+    """Where a band (display name, e.g. "<8mm", or metric slug, e.g. "lt8mm") sorts: smallest first;
+    an unknown band last."""
+    for rank, name in enumerate(SIZE_ORDER):
+        if band in (name, metric_key_part(name)):
+            return rank
+    return len(SIZE_ORDER)
+
+
+def by_size(table: Mapping[str, Any]) -> dict[str, Any]:
+    """A {band: value} table ordered from the smallest band up."""
+    return dict(sorted(table.items(), key=lambda item: (size_rank(item[0]), item[0])))
+
+
 def lesion_table(metrics: Mapping[str, Any]) -> dict[str, float | None]:
-    """`lesion_size.<band>.sens_at_1fp` as {band: sensitivity}."""
-    return {
-        key.split(".")[1]: _num(value)
-        for key, value in sorted(metrics.items())
-        if key.startswith("lesion_size.") and key.endswith(".sens_at_1fp")
-    }
+    """`lesion_size.<band>.sens_at_1fp` as {band: sensitivity}, smallest band first."""
+    return by_size(
+        {
+            key.split(".")[1]: _num(value)
+            for key, value in metrics.items()
+            if key.startswith("lesion_size.") and key.endswith(".sens_at_1fp")
+        }
+    )
 
 
 def band_label(slug: str) -> str:

@@ -271,5 +271,16 @@ def test_the_cards_training_data_counts_splits_manufacturers_and_lesion_sizes(tm
     assert summary["images_by_split"] == {"test": 1, "train": 3}
     assert summary["manufacturers_of_training_images"] == {"Acme": 2, "unknown": 1}
     assert summary["training_lesions_by_diameter"] == {"<8mm": 1, ">=20mm": 1}
+    assert list(model_card.by_size({">=20mm": 1, "12-20mm": 2, "<8mm": 3, "8-12mm": 4})) == [
+        "<8mm",
+        "8-12mm",
+        "12-20mm",
+        ">=20mm",
+    ]
+    assert list(
+        model_card.lesion_table(
+            {f"lesion_size.{s}.sens_at_1fp": 0.5 for s in ("gt_20mm", "12-20mm", "lt8mm", "8-12mm")}
+        )
+    ) == ["lt8mm", "8-12mm", "12-20mm", "gt_20mm"]
     other = VersionInfo("4", "run", datetime.now(UTC), {}, ())
     assert "another version's" in training_data(layout, Params(), other)["note"]
