@@ -786,7 +786,9 @@ def test_tampering_in_sql_is_caught(fresh, ledger_backend):
     layout, params, _ = fresh
     run_gate(layout, params, "1")
     with Ledger(ledger_backend) as ledger:
-        assert ledger.verify().ok and len(ledger.entries()) == 3
+        # four rows since change control: the gate's decision is seq 2, its change record among them
+        assert ledger.verify().ok and len(ledger.entries()) == 4
+        assert ledger.entries()[1].kind == "gate" and "passed" in str(ledger.entries()[1].payload)
         with ledger._engine.connect() as conn:
             with pytest.raises(sa.exc.DBAPIError, match="append-only"), conn.begin():
                 conn.exec_driver_sql(f"UPDATE {TABLE_NAME} SET subject = 'x' WHERE seq = 2")
