@@ -28,10 +28,12 @@ def test_the_code_files_are_the_pyfuncs_import_closure_as_grimp_sees_it():
         expected.add(path / "__init__.py" if (ROOT / path).is_dir() else path.with_suffix(".py"))
     assert set(pyfunc.code_files()) == expected
     assert Path("pipeline_steps/core/detector.py") in expected  # imported inside serving.serving
-    # The served model writes the audit ledger itself, so the ledger travels with it; nothing
-    # else of governance, and nothing of the synthetic data.
+    # The served model writes the audit ledger itself, so the ledger travels with it, with the
+    # anchor store it publishes its head to; nothing else of governance, and nothing of the
+    # synthetic data.
     assert {p for p in expected if p.parts[1] == "governance"} == {
         Path("pipeline_steps/governance/__init__.py"),
+        Path("pipeline_steps/governance/anchors.py"),
         Path("pipeline_steps/governance/ledger.py"),
     }
     assert not [p for p in expected if p.parts[1] == "synthetic"]
