@@ -201,6 +201,14 @@ class Layout:
         return self.root / ".radflow"
 
     @property
+    def review_images(self) -> Path:
+        """Copies of predicted inputs, kept (0600, by content id) so reviewers can read them."""
+        return self.state / "review" / "images"
+
+    def review_image(self, image_id: str) -> Path:
+        return self.review_images / f"{image_id}.dcm"
+
+    @property
     def checkpoints(self) -> Path:
         return self.state / "checkpoints"
 
