@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse
 from flows.api_auth import ApiSecurity
 from flows.api_batching import BatchedModel, MicroBatcher, RequestTimedOut, warm_up
 from flows.predict import LoadedModel, load_model, record_predictions, resolve_version
+from flows.review_store import keep_predicted
 from pipeline_steps.core.config import Params
 from pipeline_steps.core.errors import RadflowError
 from pipeline_steps.core.layout import Layout
@@ -352,6 +353,7 @@ def create_app(
                 raise RequestTimedOut
             # Recorded before it is returned: no ledger row, no answer.
             record_predictions(ledger, [record])
+            keep_predicted(layout, params.review, [record], [scratch / "input.dcm"])
             job.record = record
             return record
         finally:

@@ -34,6 +34,7 @@ from prefect import flow
 from flows.anchoring import open_ledger
 from flows.pacs import Pacs, PacsRequestError, PacsUnavailable, urls_unlogged
 from flows.predict import LoadedModel, load_model, record_predictions, resolve_version
+from flows.review_store import keep_predicted
 from flows.versioning import code_version
 from flows.workspace import open_workspace
 from pipeline_steps.core.config import Params
@@ -239,6 +240,7 @@ class Watcher:
             if records:
                 with _timed(summary, "ledger"):
                     record_predictions(ledger, records)  # before anything is stored
+                keep_predicted(self.layout, self.params.review, records, [s for _, s in inputs])
         outcome = {**earlier, **{r["sop_instance_uid_hash"]: r for r in records}}
         reports = []
         for number, instance in enumerate(pending, start=1):

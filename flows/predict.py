@@ -28,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.anchoring import open_ledger
 from flows.registry import open_registry
+from flows.review_store import keep_predicted
 from flows.tracking import load_pyfunc
 from flows.versioning import code_version
 from flows.workspace import open_workspace
@@ -329,6 +330,7 @@ def _predict_files(
                 key=key,
             )
             seq = record_task(ledger, records)
+            keep_predicted(layout, params.review, records, chunk)  # for review; never fails
             first = first or seq - len(records) + 1
             last = seq
             for record in records:

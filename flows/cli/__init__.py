@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
-from flows.cli import changes, console_users, data, nightly, pacs, predictions, registry
+from flows.cli import changes, console_users, data, nightly, pacs, predictions, registry, review
 from flows.cli.common import (
     PHI_UMASK,
     CommandParser,
@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     nightly.add_commands(sub)
     predictions.add_commands(sub)
     pacs.add_commands(sub)
+    review.add_commands(sub)
     console_users.add_commands(sub)
     return parser
 

@@ -138,6 +138,8 @@ def _run_lock(layout: Layout, what: str, no_wait: bool) -> Iterator[None]:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from flows import workspace
 
+    if args.reviewed:
+        return _ingest_reviewed(args)
     layout, params = workspace.open_workspace(workspace_dir(args))
     # A run reads data/raw while it trains: an ingest waits for it (and vice versa).
     with _run_lock(layout, "radflow ingest", args.no_wait):
@@ -185,6 +187,57 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if result["unlabelled"]:
         lines.append(f"  {result['unlabelled']} accepted images have no label row (unlabelled)")
     lines.append(f"data version: {result['data_version']}")
+    print("\n".join(lines))
+    return 0
+
+
+def _ingest_reviewed(args: argparse.Namespace) -> int:
+    """`radflow ingest --reviewed`: the ledger's reviewed findings as labels (flows/review_labels.py)."""
+    from flows import workspace
+    from flows.review_labels import ingest_reviewed
+    from pipeline_steps.core.errors import ConfigError
+
+    given = [o for o, v in (("--labels", args.labels), ("--replace", args.replace)) if v]
+    if args.label_format != "auto":
+        given.append("--label-format")
+    if given:
+        raise ConfigError(
+            f"radflow ingest --reviewed takes its images and labels from the reviews in the audit "
+            f"ledger: drop {', '.join(given)} (or ingest a folder with --dicom-dir)"
+        )
+    layout, params = workspace.open_workspace(workspace_dir(args))
+    with (
+        _run_lock(layout, "radflow ingest --reviewed", args.no_wait),
+        progress_bar("ingest") as bar,
+    ):
+        result = ingest_reviewed(layout, params, progress=bar)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return 0
+    lines = [
+        f"{result.reviewed_images} reviewed image(s): {len(result.imported)} labelled from their "
+        f"review ({result.label_rows} label rows), {len(result.unchanged)} imported before"
+    ]
+    if result.already_labelled:
+        lines.append(
+            f"  {len(result.already_labelled)} already labelled otherwise in data/raw (those "
+            f"labels were kept): {', '.join(result.already_labelled)}"
+        )
+    if result.image_not_kept:
+        lines.append(
+            f"  {len(result.image_not_kept)} image_not_kept (the DICOM is neither in data/raw "
+            f"nor in the review store): {', '.join(result.image_not_kept)}"
+        )
+    if result.not_imported:
+        issues = (result.ingest or {}).get("issues_file")
+        lines.append(
+            f"  {len(result.not_imported)} staged but not labelled"
+            + (f"; see {issues}" if issues else "")
+        )
+    if result.data_version is None:
+        lines.append("nothing new: data version unchanged, nothing recorded")
+    else:
+        lines.append(f"data version: {result.data_version} (ledger row {result.ledger_row})")
     print("\n".join(lines))
     return 0
 
@@ -315,11 +368,17 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser(
         "ingest", help="add DICOMs (and labels) to data/raw and record a data version"
     )
-    p.add_argument(
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--dicom-dir",
-        required=True,
         metavar="DIR",
         help="folder of DICOM files (searched recursively)",
+    )
+    source.add_argument(
+        "--reviewed",
+        action="store_true",
+        help="instead of a folder: the reviewed predictions in the audit ledger, their reviewed "
+        "findings as labels (images kept for review; labelled images keep their labels)",
     )
     p.add_argument(
         "--labels",

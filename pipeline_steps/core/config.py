@@ -395,6 +395,16 @@ class PacsParams(_Section):
     backoff_s: float = Field(1.0, ge=0.0, le=60.0)  # the first retry's delay; doubles
 
 
+class ReviewParams(_Section):
+    """Reviewer feedback (flows/review_store.py, `radflow ingest --reviewed`): what is kept so a
+    radiologist can read a prediction's image."""
+
+    # Keep a copy (0600, by content id, .radflow/review/images/) of each predicted input that is not
+    # already in data/raw, so the review console can show it and `radflow ingest --reviewed` can
+    # make its reviewed findings labels. False: only images already in the dataset can be reviewed.
+    keep_inputs: bool = True
+
+
 class Params(_Section):
     synth: SynthParams = SynthParams()
     ingest: IngestParams = IngestParams()
@@ -407,6 +417,7 @@ class Params(_Section):
     gate: GateParams = GateParams()
     nightly: NightlyParams = NightlyParams()
     pacs: PacsParams = PacsParams()
+    review: ReviewParams = ReviewParams()
     change_control: ChangeControlParams = ChangeControlParams()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)

@@ -146,6 +146,22 @@ def test_predict_writes_one_record_per_file_and_reports_bad_ones(workspace, pred
     assert len({r["prediction_id"] for r in records}) == 5
 
 
+def test_predicted_inputs_outside_the_dataset_are_kept_for_review(workspace, predicted):
+    from pipeline_steps.core.deid import image_id_for
+
+    ws, records = workspace["ws"], predicted["records"]
+    ids = {image_id_for(r["file_sha256"]): r for r in records if "reason" not in r}
+    in_raw = {i for i in ids if (ws / "data" / "raw" / "images" / f"{i}.dcm").exists()}
+    assert len(ids) == 3 and len(in_raw) == 2  # a_ and b_ come from the dataset, c_ is new
+    store = ws / ".radflow" / "review" / "images"
+    # Only the successful input that is not in data/raw; the refused ones are not kept.
+    assert {p.name for p in store.iterdir()} == {f"{i}.dcm" for i in set(ids) - in_raw}
+    for image_id in set(ids) - in_raw:
+        kept = store / f"{image_id}.dcm"
+        assert kept.read_bytes() == Path(ids[image_id]["image"]).read_bytes()
+        assert kept.stat().st_mode & 0o777 == 0o600 and store.stat().st_mode & 0o777 == 0o700
+
+
 def test_every_prediction_is_in_the_ledger_without_paths_or_identifiers(workspace, predicted):
     from pipeline_steps.synthetic import collect_phi
 
