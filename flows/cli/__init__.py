@@ -1,8 +1,10 @@
 """The `radflow` command line: the parser, start-up (environment, logging) and error reporting.
 
-Each command group lives in a module of its own: `data` (init, synth, ingest, run, step), `registry`
-(models, promote, rollback), `changes` (change-control records), `nightly` (nightly, schedule, server), `predictions` (predict,
-serve-api, audit, trace) and `pacs` (the PACS over DICOMweb). Commands import what they need
+Each command group lives in a module of its own: `data` (init, synth, ingest, run, step),
+`registry` (models, promote, rollback), `changes` (change-control records), `nightly` (nightly,
+schedule, server), `predictions` (predict, serve-api, audit, trace), `pacs` (the PACS over
+DICOMweb), `review` (post-deployment monitoring from reviews), `console` (the web console) and
+`console_users` (its users and roles). Commands import what they need
 when they run, so `--help` stays fast.
 
 Exit codes follow MLflow, DVC and Prefect: 0 success, 1 a failure (a RadflowError, a failed batch,
@@ -18,7 +20,17 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 
-from flows.cli import changes, console_users, data, nightly, pacs, predictions, registry, review
+from flows.cli import (
+    changes,
+    console,
+    console_users,
+    data,
+    nightly,
+    pacs,
+    predictions,
+    registry,
+    review,
+)
 from flows.cli.common import (
     PHI_UMASK,
     CommandParser,
@@ -98,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     predictions.add_commands(sub)
     pacs.add_commands(sub)
     review.add_commands(sub)
+    console.add_commands(sub)
     console_users.add_commands(sub)
     return parser
 

@@ -12,6 +12,8 @@ log = logging.getLogger("radflow.console")
 
 
 def cmd_console(args: argparse.Namespace) -> int:
+    import os
+
     import uvicorn
 
     from flows import console_auth, servers, workspace
@@ -36,6 +38,8 @@ def cmd_console(args: argparse.Namespace) -> int:
     )
     layout, params = workspace.open_workspace(workspace_dir(args))
     servers.check_reachable(mlflow=True)
+    # Pages read run artifacts (plots, manifests, cards): no progress bars in a service log.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     app = create_app(layout, params, users, secure_cookies=not args.insecure_cookies)
     scheme = "https" if tls else "http"
     log.info(

@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from jinja2 import Environment, FileSystemLoader, select_autoescape
+from jinja2 import Environment, FileSystemLoader, Undefined, select_autoescape
 
 from flows import console_auth as auth
 from flows import review as review_edge
@@ -76,6 +76,16 @@ def _status_of(exc: RadflowError) -> int:
     return 500
 
 
+def _missing(value: Any) -> bool:
+    """A figure a version did not log (absent, None, or NaN) shows as a dash."""
+    if value is None or isinstance(value, Undefined):
+        return True
+    try:
+        return float(value) != float(value)
+    except (TypeError, ValueError):
+        return True
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -98,8 +108,8 @@ def create_app(
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters["pct"] = lambda v: "-" if v is None else f"{100 * float(v):.1f}%"
-    env.filters["num"] = lambda v, d=3: "-" if v is None else f"{float(v):.{d}f}"
+    env.filters["pct"] = lambda v: "-" if _missing(v) else f"{100 * float(v):.1f}%"
+    env.filters["num"] = lambda v, d=3: "-" if _missing(v) else f"{float(v):.{d}f}"
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, title="radflow console")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     if layout.data_docs.is_dir():
@@ -111,7 +121,6 @@ def create_app(
         html = env.get_template(template).render(
             user=session.user if session else None,
             csrf=session.csrf if session else "",
-            model=params.register_.model_name,
             path=request.url.path,
             **context,
         )
@@ -214,6 +223,10 @@ def create_app(
 
     # ----------------------------------------------------------------------------------------
     # Pages
+
+    @app.get("/favicon.ico")
+    async def favicon() -> Response:
+        return Response(status_code=204)
 
     @app.get("/")
     async def home(request: Request) -> Response:
