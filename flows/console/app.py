@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, Undefined, select_autoescape
@@ -160,6 +161,15 @@ def create_app(
             return PlainTextResponse("sign in first\n", status_code=401)
         log.info("refused %s %s: %s", request.method, request.url.path, exc)
         return page(request, "error.html", 403, title="Not allowed", message=str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def malformed(request: Request, exc: RequestValidationError) -> Response:
+        where = ", ".join(str(e.get("loc", ["?"])[-1]) for e in exc.errors() if isinstance(e, dict))
+        session = session_of(request)
+        if session is not None:
+            request.state.session = session
+        message = f"malformed request: check {where or 'its parameters'}"
+        return page(request, "error.html", 422, title="Cannot do that", message=message)
 
     @app.exception_handler(RadflowError)
     async def failed(request: Request, exc: RadflowError) -> Response:
@@ -333,11 +343,12 @@ def create_app(
         return page(request, "ledger.html", **views.ledger_page(layout, kind, max(0, page_no)))
 
     @app.get("/review", response_class=HTMLResponse)
-    def review_queue(request: Request, page_no: int = 0, pending: int = 0) -> Response:
+    def review_queue(
+        request: Request, page_no: int = 0, pending: int = 0, per_page: int = views.PAGE_SIZE
+    ) -> Response:
         require(request)
-        return page(
-            request, "queue.html", **views.queue_page(layout, max(0, page_no), bool(pending))
-        )
+        queue = views.queue_page(layout, max(0, page_no), bool(pending), per_page)
+        return page(request, "queue.html", **queue)
 
     @app.get("/monitoring", response_class=HTMLResponse)
     def monitoring(request: Request) -> Response:

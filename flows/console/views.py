@@ -26,6 +26,7 @@ from pipeline_steps.governance.model_card import (
 from pipeline_steps.serving.prediction import PREDICTION
 
 PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000  # the review queue's ?per_page= at most
 PLOTS = {"froc": "reports/plots/froc.png", "pr": "reports/plots/pr.png"}
 MODEL_CARD_HTML = "model_card/model_card.html"
 
@@ -234,17 +235,21 @@ def _ledger_row(entry: Entry) -> dict[str, Any]:
     }
 
 
-def queue_page(layout: Layout, page: int, pending_only: bool) -> dict[str, Any]:
+def queue_page(
+    layout: Layout, page: int, pending_only: bool, per_page: int = PAGE_SIZE
+) -> dict[str, Any]:
     with audit.open_ledger(layout.root) as ledger:
         predictions = ledger.entries(kind=PREDICTION)
         reviews = ledger.entries(kind=review.REVIEW)
     rows = review.queue(predictions, reviews, pending_only=pending_only)
-    start = page * PAGE_SIZE
+    per_page = min(max(per_page, 10), MAX_PAGE_SIZE)
+    start = page * per_page
     return {
-        "rows": rows[start : start + PAGE_SIZE],
+        "rows": rows[start : start + per_page],
         "total": len(rows),
         "page": page,
-        "pages": max(1, -(-len(rows) // PAGE_SIZE)),
+        "pages": max(1, -(-len(rows) // per_page)),
+        "per_page": per_page,
         "pending_only": pending_only,
     }
 

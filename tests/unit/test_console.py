@@ -227,6 +227,8 @@ def test_malformed_form_bodies_are_refused(client, workspace):
     as_json = client.post("/predictions/P2/review", json={"csrf": csrf, "verdict_0": "confirmed"})
     assert as_json.status_code == 422 and "expected a form" in as_json.text
     assert reviews(workspace) == []
+    query = client.get("/review?page_no=abc")
+    assert query.status_code == 422 and "check page_no" in query.text
 
 
 def test_roles_and_csrf_guard_the_forms(client, workspace):
