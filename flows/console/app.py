@@ -51,6 +51,13 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
     "X-Frame-Options": "DENY",
 }
+# Data Docs are Great Expectations' generated pages (inline styles and handlers, data: icons), served
+# from the workspace's own folder: they may run their inline code, and still load nothing remote.
+DATA_DOCS_CSP = (
+    "default-src 'self'; img-src 'self' data:; font-src 'self' data:; "
+    "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; form-action 'none'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
 
 
 class Refused(Exception):
@@ -149,6 +156,8 @@ def create_app(
     @app.middleware("http")
     async def headers(request: Request, call_next: Callable[[Request], Any]) -> Response:
         response: Response = await call_next(request)
+        if request.url.path.startswith("/data-docs/"):
+            response.headers.setdefault("Content-Security-Policy", DATA_DOCS_CSP)
         for key, value in SECURITY_HEADERS.items():
             response.headers.setdefault(key, value)
         return response

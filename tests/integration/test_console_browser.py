@@ -189,6 +189,15 @@ def test_models_and_version_pages(browser, console):
     assert len(widths) == 2 and all(w > 100 for w in widths)
     assert "Promotion needs the promoter role" in page.inner_text("#promote-refused")
     shot(page, console, "version")
+    page.click("text=open the model card")
+    assert page.title() == "Model card: radflow-detector version 1"
+    shot(page, console, "model-card")
+    page.go_back()
+    page.click("text=Data Docs")
+    assert "Data Docs" in page.title()
+    # GX's page ran under the console's policy: its validation results are listed.
+    assert page.locator("text=radflow-metadata").count() >= 1
+    shot(page, console, "data-docs")
     page.context.close()
 
 
@@ -302,7 +311,15 @@ def test_a_viewer_is_refused_promotion_and_a_promoter_promotes_through_the_gate(
     assert moved["reason"] == "reviewed the gate evidence"
     page.goto(f"{console['url']}/models")
     assert "paul" in page.inner_text("#timeline")
+    # What was in production: nothing before the promotion, version 1 after it.
+    page.fill("#at", after[-1].recorded_at)
+    page.click("text=Look up")
+    stages = page.locator("#held tbody tr td:first-child").all_inner_texts()
+    assert stages == ["production"] and "version 1" in page.inner_text("#held")
     shot(page, console, "models-after-promotion")
+    page.fill("#at", before[-1].recorded_at)
+    page.click("text=Look up")
+    assert page.locator("#held tbody tr td:first-child").all_inner_texts() == ["staging"]
     page.goto(f"{console['url']}/predictions/NO0SUCH0ID")
     assert "no prediction or SR 'NO0SUCH0ID'" in page.inner_text("#message")
     shot(page, console, "unknown-prediction")
