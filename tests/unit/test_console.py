@@ -318,7 +318,7 @@ def test_the_ledger_page_verifies_the_chain_and_filters_by_kind(client, workspac
     page = client.get("/ledger").text
     assert "intact" in page and "5 rows verified" in page
     only = client.get("/ledger?kind=review").text
-    assert "1 rows of kind review" in only
+    assert "1 row of kind review" in only
     assert only.count('<td class="num">') == 1  # one row in the table
 
 
