@@ -16,7 +16,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, Undefined, select_autoescape
 
@@ -120,9 +126,6 @@ def create_app(
     env.filters["num"] = lambda v, d=3: "-" if _missing(v) else f"{float(v):.{d}f}"
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, title="radflow console")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    if layout.data_docs.is_dir():
-        # Data Docs are generated offline-ready (no CDN); they are read behind the same sign-in.
-        app.mount("/data-docs", StaticFiles(directory=layout.data_docs, html=True), name="docs")
 
     def page(request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
         session = getattr(request.state, "session", None)
@@ -272,6 +275,17 @@ def create_app(
         if blob is None:
             return PlainTextResponse("this version logged no such plot\n", status_code=404)
         return Response(blob, media_type="image/png")
+
+    @app.get("/data-docs/{path:path}")
+    def data_docs(request: Request, path: str) -> Response:
+        """The workspace's Data Docs (generated offline-ready by the validate stage), behind the
+        same sign-in as every page; only files inside their folder."""
+        require(request)
+        root = layout.data_docs.resolve()
+        target = (root / (path or "index.html")).resolve()
+        if not target.is_relative_to(root) or not target.is_file():
+            return PlainTextResponse("no such Data Docs file\n", status_code=404)
+        return FileResponse(target)
 
     @app.get("/versions/{version}/model-card")
     def model_card(request: Request, version: str) -> Response:

@@ -110,7 +110,10 @@ def reviews(workspace) -> list:
         return ledger.entries(kind=review.REVIEW)
 
 
-def test_pages_need_a_session(client):
+def test_pages_need_a_session(client, workspace):
+    workspace.data_docs.mkdir(parents=True)
+    (workspace.data_docs / "index.html").write_text("<html>validation results</html>")
+    assert client.get("/data-docs/index.html").status_code == 401
     assert (
         client.get("/review", headers={"accept": "text/html"}, follow_redirects=False).headers[
             "location"
@@ -320,6 +323,18 @@ def test_the_ledger_page_verifies_the_chain_and_filters_by_kind(client, workspac
     only = client.get("/ledger?kind=review").text
     assert "1 row of kind review" in only
     assert only.count('<td class="num">') == 1  # one row in the table
+
+
+def test_data_docs_are_served_from_their_folder_only(client, workspace):
+    workspace.data_docs.mkdir(parents=True)
+    (workspace.data_docs / "index.html").write_text("<html>validation results</html>")
+    (workspace.root / "secret.txt").write_text("outside the Data Docs")
+    sign_in(client, "vera")
+    page = client.get("/data-docs/index.html")
+    assert page.status_code == 200 and "validation results" in page.text
+    assert "'unsafe-inline'" in page.headers["content-security-policy"]  # GX's own inline code
+    assert client.get("/data-docs/..%2Fsecret.txt").status_code == 404
+    assert client.get("/data-docs/missing.html").status_code == 404
 
 
 def test_pages_carry_security_headers(client):
