@@ -173,7 +173,13 @@ CHECK_NAMES = {
 def trace_page(layout: Layout, params: Params, prediction_id: str) -> dict[str, Any]:
     """`radflow trace` (audit.trace: the one implementation) plus what the page draws: the image,
     the boxes, and the prediction's reviews."""
-    t = audit.trace(layout, params, prediction_id)
+    try:
+        t = audit.trace(layout, params, prediction_id)
+    except audit.UnknownPrediction:  # the CLI's message names the ledger's location: not for pages
+        raise audit.UnknownPrediction(
+            f"no prediction or SR {prediction_id!r} in the audit ledger; the review queue lists "
+            "the predictions"
+        ) from None
     record = t["prediction"]
     links = [
         {"name": CHECK_NAMES.get(key, key), "status": value} for key, value in t["checks"].items()
