@@ -177,9 +177,11 @@ def main() -> int:
     os.environ.setdefault("RADFLOW_PSEUDONYM_KEY", "bench-key")
 
     from flows.predict import CHUNK, record_predictions
+    from flows.review_store import keep_predicted
     from pipeline_steps.core.config import Params
     from pipeline_steps.core.detector import predict_boxes
     from pipeline_steps.core.dicom_io import read_image
+    from pipeline_steps.core.layout import Layout
     from pipeline_steps.governance.ledger import Ledger
     from pipeline_steps.serving.prediction import predict_batch
     from pipeline_steps.serving.serving import prepare
@@ -187,6 +189,7 @@ def main() -> int:
     files = _data(args.root, args.n_images)
     detector, config, provenance = _model(args.workspace)
     ingest = Params().ingest
+    review_params = Params().review
     key = os.environ["RADFLOW_PSEUDONYM_KEY"]
     threshold = config.detection.score_threshold
     load = os.getloadavg()[0]
@@ -233,6 +236,27 @@ def main() -> int:
         batch_rate = len(inputs) / (time.perf_counter() - start)
         failed = sum("error" in json.loads(line) for line in out.read_text().splitlines())
 
+        # 2b. the same, keeping each predicted input for review as the flow does
+        # (review.keep_inputs, the default): a copy of every file into a fresh review store.
+        kept_layout = Layout(Path(tmp) / "kept")
+        start = time.perf_counter()
+        with out.open("w") as fh:
+            for i in range(0, len(inputs), CHUNK):
+                records = predict_batch(
+                    detector,
+                    inputs[i : i + CHUNK],
+                    config,
+                    ingest,
+                    provenance,
+                    threshold=threshold,
+                    key=key,
+                )
+                record_predictions(ledger, records)
+                keep_predicted(kept_layout, review_params, records, files[i : i + CHUNK])
+                fh.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
+        batch_keep_rate = len(inputs) / (time.perf_counter() - start)
+        kept_files = len(list(kept_layout.review_images.glob("*.dcm")))
+
         # 3. single image, end to end (the API's path without HTTP)
         single = []
         for i in range(args.single + 5):
@@ -278,6 +302,9 @@ def main() -> int:
         "model_only_single_p95_ms": _pct(model_single, 0.95),
         "batch_images_per_s": batch_rate,
         "batch_vs_model_only": batch_rate / model_rate,
+        "batch_keeping_inputs_images_per_s": batch_keep_rate,
+        "batch_keeping_inputs_vs_not": batch_keep_rate / batch_rate,
+        "inputs_kept": kept_files,
         "flow_images_per_s": flow_rate,
         "flow_images_per_s_with_model_load": flow_total_rate,
         "single_p50_ms": statistics.median(single),
@@ -301,6 +328,12 @@ def main() -> int:
             f"{batch_rate / model_rate:.2f}x model only",
             f">= {TARGETS['batch_images_per_s']:.0f} img/s: "
             + ("met" if batch_rate >= TARGETS["batch_images_per_s"] else "MISSED"),
+        ),
+        (
+            "  ... keeping each input for review",
+            f"{batch_keep_rate:.1f} img/s",
+            f"{batch_keep_rate / batch_rate:.2f}x not keeping",
+            f"{kept_files} files kept",
         ),
     ]
     if flow_rate is not None:
